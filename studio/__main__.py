@@ -1,0 +1,3 @@
+from studio.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""`studio`: the command line over the engine. With no command it opens the window.
+
+Exit codes: 0 success, 2 bad input (a path, a recipe, a destination: the message says which), 1 an
+unexpected internal error, 3 a run that failed while running, 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from studio import __version__
+from studio.core.errors import RecipeError, StudioError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps, or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (they can run code)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model author's code (only if trusted)")
+    p.add_argument("--no-cache", action="store_true", help="do not use or write the dense cache of GGUF files")
+
+
+def _eval_options(p: argparse.ArgumentParser, text_flag: str) -> None:
+    p.add_argument(text_flag, dest="text", metavar="FILE", help="text file for perplexity (and KL)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens of the text to score; 0 for all (default 4096)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument("--stride", type=int, default=512, help="tokens the window moves by (default 512)")
+    p.add_argument("--join", default="\n\n", help="string joining the non-empty lines of the text (default blank line)")
+    p.add_argument("--bos", default="auto", choices=["auto", "always", "never"], help="BOS token at each window start")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studio", description="Compression Studio: compress causal language models.")
+    parser.add_argument("--version", action="version", version=f"compression-studio {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
+    parser.add_argument("--model", help="(window) a model to open at start, e.g. 'sample'")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="what a model is: architecture, parameters, bytes by dtype, layers")
+    p.add_argument("model", help="folder, .safetensors, .gguf, hub id, or 'sample'")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _model_options(p)
+
+    p = sub.add_parser("methods", help="list the compression methods and their parameters")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("eval", help="evaluate a model: perplexity, zero-shot accuracy, size, speed")
+    p.add_argument("model")
+    _eval_options(p, "--text")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="FILE", help="zero-shot task files (jsonl)")
+    p.add_argument("--limit", type=int, default=200, help="items per task file; 0 for all (default 200)")
+    p.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
+    p.add_argument("--generate", action="store_true", help="also print greedy generations for fixed prompts")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _model_options(p)
+
+    p = sub.add_parser("run", help="run a recipe on a model and export the result")
+    p.add_argument("recipe", help="recipe YAML file, or the name of a preset (see 'studio presets')")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="folder to write the compressed model into")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _eval_options(p, "--eval-text")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+    _model_options(p)
+
+    sub.add_parser("presets", help="list the bundled recipe presets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    if args.command is None:
+        from studio.gui.app import run_app
+
+        return run_app(args.model)
+    try:
+        return COMMANDS[args.command](args)
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(
+            f"internal error: {type(exc).__name__}: {exc}\nThis is a bug in Compression Studio; run again with "
+            "--verbose for the traceback and report it.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _load(args) -> Any:
+    from studio.core.loading import load_model
+
+    print(f"loading {args.model} …", file=sys.stderr)
+    return load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        use_cache=not args.no_cache,
+    )
+
+
+def _eval_config(args):
+    from studio.core.evaluation import PerplexityConfig
+
+    if not args.text:
+        return None
+    return PerplexityConfig(
+        text_file=str(Path(args.text).expanduser()),
+        max_tokens=args.tokens or None,
+        window=args.window,
+        stride=args.stride,
+        join=args.join,
+        bos=args.bos,
+    )
+
+
+def cmd_info(args) -> int:
+    from studio.core.summary import summarize
+
+    loaded = _load(args)
+    summary = summarize(loaded.model)
+    if args.json:
+        print(json.dumps({"source": loaded.source, **summary.to_dict()}, indent=2))
+    else:
+        print(f"model          {loaded.name} ({loaded.source.get('kind')}: {loaded.source.get('path', '')})")
+        print(summary.format())
+    return EXIT_OK
+
+
+def cmd_methods(args) -> int:
+    from studio.core.registry import all_methods, param_specs
+
+    methods = all_methods()
+    if args.json:
+        out = [
+            {
+                "id": m.id,
+                "title": m.title,
+                "family": str(m.family),
+                "needs_calibration": m.needs_calibration,
+                "summary": m.summary,
+                "params": [vars(s) for s in param_specs(m.Params)],
+            }
+            for m in methods
+        ]
+        print(json.dumps(out, indent=2, default=str))
+        return EXIT_OK
+    for m in methods:
+        calib = "needs calibration data" if m.needs_calibration else "no calibration data"
+        print(f"{m.id:<12} {m.family:<22} {m.title} ({calib})\n{'':12} {m.summary}")
+        for s in param_specs(m.Params):
+            rng = ""
+            if s.choices:
+                rng = " one of " + ", ".join(map(str, s.choices))
+            elif s.minimum is not None or s.maximum is not None:
+                rng = f" in [{s.minimum if s.minimum is not None else ''}, {s.maximum if s.maximum is not None else ''}]"
+            print(f"{'':14}{s.name} ({s.type}{rng}, default {s.default!r}): {s.help}")
+        print()
+    return EXIT_OK
+
+
+def cmd_presets(args) -> int:
+    from studio.core.paths import PRESETS_DIR
+    from studio.core.recipe import load_recipe
+
+    for path in sorted(PRESETS_DIR.glob("*.yaml")):
+        recipe = load_recipe(path)
+        print(f"{path.stem:<28} {recipe.name}: {recipe.description}")
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from studio.core.evaluation import (
+        generate_samples,
+        load_eval_tokens,
+        perplexity,
+        size_report,
+        throughput,
+        zero_shot_accuracy,
+    )
+
+    config = _eval_config(args)
+    for task in args.tasks:  # fail before the slow load
+        if not Path(task).is_file():
+            raise StudioError(f"Task file '{task}' does not exist.")
+    if config and not Path(config.text_file).is_file():
+        raise StudioError(f"Evaluation text '{config.text_file}' does not exist.")
+    loaded = _load(args)
+    result: dict[str, Any] = {"model": loaded.source, "size": size_report(loaded.model)}
+    if config:
+        tokens = load_eval_tokens(loaded.tokenizer, config)
+        ppl = perplexity(loaded.model, tokens, config, loaded.tokenizer)
+        result["perplexity"] = ppl.perplexity
+        result["perplexity_details"] = ppl.to_dict()
+        _say(args, f"perplexity {ppl.perplexity:.4f} over {ppl.tokens_scored} tokens of {config.text_file}")
+    if args.tasks:
+        result["accuracy"] = {}
+        for task in args.tasks:
+            acc = zero_shot_accuracy(loaded.model, loaded.tokenizer, task, limit=args.limit or None)
+            result["accuracy"][acc["task"]] = acc
+            _say(args, f"{acc['task']:<16} acc {acc['acc']:.4f}  acc_norm {acc['acc_norm']:.4f}  ({acc['items']} items)")
+    if args.speed:
+        result["speed"] = throughput(loaded.model)
+        _say(args, "prefill {prefill_tokens_per_s:.1f} tokens/s, decode {decode_tokens_per_s:.1f} tokens/s".format(**result["speed"]))
+    if args.generate and loaded.tokenizer is not None:
+        result["generations"] = generate_samples(loaded.model, loaded.tokenizer)
+        for g in result["generations"]:
+            _say(args, f"> {g['prompt']}{g['completion']}")
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return EXIT_OK
+
+
+def _say(args, text: str) -> None:
+    print(text, file=sys.stderr if args.json else sys.stdout)
+
+
+def resolve_recipe_path(name: str) -> Path:
+    from studio.core.paths import PRESETS_DIR
+
+    path = Path(name).expanduser()
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    preset = PRESETS_DIR / f"{name}.yaml"
+    if preset.exists():
+        return preset
+    raise RecipeError(f"'{name}' is neither a recipe file nor a preset; 'studio presets' lists the presets.")
+
+
+def cmd_run(args) -> int:
+    from studio.cli.progress import ProgressPrinter
+    from studio.core.export import check_destination, export_hf_folder
+    from studio.core.recipe import load_recipe, validate_recipe
+    from studio.core.runner import run_recipe
+
+    recipe_path = resolve_recipe_path(args.recipe)
+    recipe = load_recipe(recipe_path)
+    validate_recipe(recipe, str(recipe_path))  # schema errors before the slow model load
+    out = check_destination(args.out, args.force)
+    config = _eval_config(args)
+    if config and not Path(config.text_file).is_file():
+        raise StudioError(f"Evaluation text '{config.text_file}' does not exist.")
+    loaded = _load(args)
+    with ProgressPrinter() as progress:
+        result = run_recipe(recipe, loaded, events=progress, eval_config=config, where=str(recipe_path))
+    if result.status == "failed":
+        print(f"error: {result.error}", file=sys.stderr)
+        return EXIT_BAD_INPUT if result.bad_input else EXIT_RUN_FAILED
+    if result.status == "cancelled":
+        return EXIT_INTERRUPTED
+    export_hf_folder(result.model, loaded.tokenizer, out, recipe=recipe, report=result.report, force=args.force)
+    report = json.loads((out / "report.json").read_text())
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_run_summary(report, out)
+    return EXIT_OK
+
+
+def _print_run_summary(report: dict, out: Path) -> None:
+    base, final = report.get("baseline"), report.get("final")
+    for step in report["steps"]:
+        print(f"step {step['index'] + 1} {step['method']}: {step['seconds']:.1f} s, peak RSS "
+              f"{step['peak_rss_bytes'] / 2**20:,.0f} MiB, {step['summary']}")
+    if base and final:
+        print(f"perplexity {base['perplexity']:.4f} -> {final['perplexity']:.4f}  "
+              f"KL {final['kl']:.4f}  top-1 agreement {final['top1_agreement']:.3f}")
+    size = report["export"]["size"]
+    print(f"compressed size {size['compressed_bytes'] / 2**20:,.1f} MiB "
+          f"(dense on disk {size['disk_bytes'] / 2**20:,.1f} MiB)")
+    print(f"exported to {out}")
+
+
+COMMANDS = {"info": cmd_info, "methods": cmd_methods, "eval": cmd_eval, "run": cmd_run, "presets": cmd_presets}

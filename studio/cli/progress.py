@@ -1,0 +1,47 @@
+"""Run events as progress bars on stderr: one bar per step, counting decoder blocks."""
+
+import sys
+
+from tqdm import tqdm
+
+from studio.core import events as ev
+
+
+class ProgressPrinter:
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.bar: tqdm | None = None
+
+    def __call__(self, event: ev.Event) -> None:
+        if isinstance(event, ev.StepStarted):
+            self._close()
+            self.bar = tqdm(desc=f"step {event.index + 1}/{event.total_steps} {event.method}", unit="block",
+                            file=self.stream, leave=True)
+        elif isinstance(event, ev.Progress) and self.bar is not None:
+            self.bar.total = event.total
+            self.bar.n = event.done
+            self.bar.refresh()
+        elif isinstance(event, ev.Metric) and event.name in ("perplexity", "kl"):
+            what = "baseline" if event.index is None else f"after step {event.index + 1}"
+            self._write(f"{event.name} {what}: {event.value:.4f}")
+        elif isinstance(event, ev.Warning):
+            self._write(f"warning: {event.message}")
+        elif isinstance(event, (ev.RunFinished, ev.RunFailed, ev.RunCancelled)):
+            self._close()
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._close()

@@ -1,0 +1,49 @@
+"""What a method sees while it runs: its target layers by block, and the run's events, cancellation and records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from studio.core.events import CancelToken, EventCallback, Metric, Progress, Warning
+from studio.core.registry import LayerReport
+from studio.core.state import compression_state, update_record
+from studio.core.structure import set_weight_matrix, weight_matrix
+
+
+@dataclass
+class StepContext:
+    model: nn.Module
+    layers: dict[int, dict[str, nn.Module]]  # block index -> {full layer name: module}
+    index: int  # the step's position in the recipe
+    emit: EventCallback
+    cancel: CancelToken
+    reports: list[LayerReport] = field(default_factory=list)
+
+    def blocks(self):
+        """(block index, layers) in order; checks for cancellation before each block and reports progress
+        after it, so a method written as a plain loop gets both for free."""
+        total = len(self.layers)
+        for done, (block, layers) in enumerate(self.layers.items()):
+            self.cancel.check()
+            yield block, layers
+            self.emit(Progress(self.index, done + 1, total, "block", f"block {block}"))
+
+    def replace_weight(self, name: str, module: nn.Module, new: torch.Tensor, report: LayerReport, **record) -> None:
+        """Give `module` its compressed (out, in) weight, record what exporters need, report the layer's
+        relative error, and drop records a previous step made that no longer describe the weight."""
+        old = weight_matrix(module)
+        report.error = float((new.float() - old.float()).norm() / old.float().norm().clamp_min(1e-12))
+        set_weight_matrix(module, new)
+        previous = compression_state(self.model).get(name)
+        if previous is not None and previous.quant is not None and "quant" not in record:
+            record["quant"] = None
+            self.warn(f"{name}: its quantization codes no longer match its weights after this step and were dropped")
+        update_record(self.model, name, **record)
+        self.reports.append(report)
+        self.emit(Metric("layer_error", report.error, self.index, name))
+
+    def warn(self, message: str) -> None:
+        self.emit(Warning(message, self.index))

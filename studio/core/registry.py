@@ -1,0 +1,137 @@
+"""Methods and their registry: a method declares what it is and its typed parameters, then applies itself.
+
+Each method's parameters are a pydantic model (strict types, ranges, defaults, one-line help in the
+field's description); the GUI generates its form from `param_specs`, and a recipe step is validated by it.
+"""
+
+from __future__ import annotations
+
+import enum
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class Family(enum.StrEnum):
+    QUANTIZATION = "quantization"
+    PRUNING = "pruning"
+    DISTILLATION = "distillation"
+    COMPACT_ARCHITECTURE = "compact_architecture"
+    DYNAMIC = "dynamic"
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameters: unknown keys and loose types are errors, not guesses."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str  # "int", "float", "bool", "str", "choice"
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[Any, ...] = ()
+
+
+def param_specs(params: type[MethodParams]) -> list[ParamSpec]:
+    specs = []
+    for name, info in params.model_fields.items():
+        annotation = info.annotation
+        choices: tuple[Any, ...] = ()
+        if typing.get_origin(annotation) is typing.Literal:
+            kind, choices = "choice", typing.get_args(annotation)
+        else:
+            kind = getattr(annotation, "__name__", str(annotation))
+        lo = hi = None
+        for meta in info.metadata:
+            if isinstance(meta, annotated_types.Ge):
+                lo = meta.ge
+            elif isinstance(meta, annotated_types.Gt):
+                lo = meta.gt
+            elif isinstance(meta, annotated_types.Le):
+                hi = meta.le
+            elif isinstance(meta, annotated_types.Lt):
+                hi = meta.lt
+        specs.append(ParamSpec(name, kind, info.default, info.description or "", lo, hi, choices))
+    return specs
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a step is expected to need, before it runs: extra memory over the loaded model, and time."""
+
+    extra_bytes: int
+    seconds: float
+
+
+@dataclass
+class LayerReport:
+    """One layer's outcome; the fields that do not apply to a method stay None."""
+
+    name: str
+    error: float | None = None  # relative Frobenius error of the weight, ||W - W'|| / ||W||
+    sparsity: float | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    parameters: int | None = None
+
+
+@dataclass
+class StepOutcome:
+    layers: list[LayerReport] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    id: ClassVar[str]
+    title: ClassVar[str]
+    family: ClassVar[Family]
+    summary: ClassVar[str]  # one line for the palette and `studio methods`
+    needs_calibration: ClassVar[bool] = False
+    Params: ClassVar[type[MethodParams]]
+
+    def check(self, layers: dict[int, dict[str, nn.Module]], params: MethodParams) -> list[str]:
+        """Problems that depend on the model (shapes), each a sentence naming the layer; empty if fine."""
+        return []
+
+    @abstractmethod
+    def estimate(self, layers: dict[int, dict[str, nn.Module]], params: MethodParams) -> Estimate: ...
+
+    @abstractmethod
+    def apply(self, ctx: "StepContext", params: MethodParams) -> StepOutcome:  # noqa: F821
+        """Compress `ctx.layers` block by block, calling `ctx.block_done(i)` after each block."""
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.id in REGISTRY:
+        raise ValueError(f"Method id '{cls.id}' is registered twice")
+    REGISTRY[cls.id] = cls()
+    return cls
+
+
+def get_method(method_id: str) -> Method:
+    import studio.methods  # noqa: F401  (registers the built-in methods)
+
+    try:
+        return REGISTRY[method_id]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise KeyError(f"unknown method '{method_id}'; the methods are: {known}") from None
+
+
+def all_methods() -> list[Method]:
+    import studio.methods  # noqa: F401
+
+    return sorted(REGISTRY.values(), key=lambda m: (list(Family).index(m.family), m.id))

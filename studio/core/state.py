@@ -1,0 +1,63 @@
+"""What compression did to each layer, kept beside the model's dense weights.
+
+The model always holds dense weights, so every evaluation and the plain safetensors export just work. The
+records keep what exporters need to write the compressed form: integer codes with their scales and zero
+points, and sparsity masks. They live in a dict attribute of the model (`studio_state`) keyed by layer name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+STATE_ATTR = "studio_state"
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """W ≈ (codes - zeros) * scales, per group of `group_size` input columns (0: one group per row)."""
+
+    codes: torch.Tensor  # (out, in) uint8 in [0, 2**bits - 1]
+    scales: torch.Tensor  # (out, groups)
+    zeros: torch.Tensor  # (out, groups), integer-valued; 2**(bits-1) for symmetric
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    def dequantize(self) -> torch.Tensor:
+        out_f, in_f = self.codes.shape
+        width = self.group_size or in_f
+        codes = self.codes.view(out_f, in_f // width, width).float()
+        w = (codes - self.zeros[..., None].float()) * self.scales[..., None].float()
+        return w.view(out_f, in_f)
+
+    def packed_bytes(self) -> int:
+        """Codes at `bits` each, plus a 16-bit scale per group and a zero point per group when asymmetric."""
+        groups = self.scales.numel()
+        meta = groups * 2 + (0 if self.symmetric else math.ceil(groups * self.bits / 8))
+        return math.ceil(self.codes.numel() * self.bits / 8) + meta
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    quant: QuantizedWeight | None = None
+    mask: torch.Tensor | None = None  # bool (out, in), True where the weight is kept
+    sparsity_pattern: str | None = None  # "unstructured" or "N:M"
+
+
+def compression_state(model: nn.Module) -> dict[str, LayerRecord]:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        state = {}
+        object.__setattr__(model, STATE_ATTR, state)  # a plain attribute, not a submodule or buffer
+    return state
+
+
+def update_record(model: nn.Module, name: str, **changes) -> LayerRecord:
+    state = compression_state(model)
+    record = replace(state.get(name, LayerRecord()), **changes)
+    state[name] = record
+    return record

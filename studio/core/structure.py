@@ -1,0 +1,98 @@
+"""Find a causal LM's decoder blocks and the linear layers inside them, for any transformers architecture.
+
+The decoder blocks are the longest `nn.ModuleList` whose children all share one class (Llama/Qwen2/Gemma
+`model.layers`, OPT `model.decoder.layers`, GPT-2 `transformer.h`), so no per-architecture table is needed.
+GPT-2's `Conv1D` stores its weight as (in, out); `weight_matrix` always returns the (out, in) view.
+"""
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+try:  # transformers' GPT-2 style linear layer
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - very old transformers
+    Conv1D = ()
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D != () and isinstance(module, Conv1D))
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out_features, in_features)."""
+    w = module.weight.data
+    return w.t() if not isinstance(module, nn.Linear) else w
+
+
+def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    """Give the layer a new (out, in) weight tensor. Rebinds `.data`, never writes in place, so a clone that
+    shares storage with the original model leaves the original untouched."""
+    w = w.t().contiguous() if not isinstance(module, nn.Linear) else w.contiguous()
+    module.weight.data = w.to(module.weight.dtype)
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    out_f, in_f = weight_matrix(module).shape
+    return in_f, out_f
+
+
+@dataclass(frozen=True)
+class DecoderBlocks:
+    path: str  # e.g. "model.layers"
+    blocks: tuple[nn.Module, ...]
+
+    def name(self, index: int) -> str:
+        return f"{self.path}.{index}"
+
+
+def find_decoder_blocks(model: nn.Module) -> DecoderBlocks:
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) != 1:
+                continue
+            if not any(is_linear(m) for m in module[0].modules()):
+                continue
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(
+            f"Could not find the decoder blocks of {type(model).__name__}: no list of identical blocks with "
+            "linear layers inside. Only causal language models with repeated decoder blocks are supported."
+        )
+    return DecoderBlocks(best[0], tuple(best[1]))
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Which modules a step touches: glob patterns on full module names (`*` matches dots too).
+
+    The default targets every linear layer inside the decoder blocks, which leaves out the embeddings and
+    the LM head."""
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+
+    def matches(self, name: str) -> bool:
+        return any(fnmatchcase(name, p) for p in self.include) and not any(
+            fnmatchcase(name, p) for p in self.exclude
+        )
+
+
+def target_layers(model: nn.Module, spec: TargetSpec) -> dict[int, dict[str, nn.Module]]:
+    """Targeted linear layers grouped by decoder block index, in execution order, keyed by full name."""
+    decoder = find_decoder_blocks(model)
+    grouped: dict[int, dict[str, nn.Module]] = {}
+    for i, block in enumerate(decoder.blocks):
+        prefix = decoder.name(i)
+        layers = {
+            f"{prefix}.{sub}": m
+            for sub, m in block.named_modules()
+            if sub and is_linear(m) and spec.matches(f"{prefix}.{sub}")
+        }
+        if layers:
+            grouped[i] = layers
+    return grouped

@@ -1,0 +1,70 @@
+"""Round-to-nearest (RTN) weight quantization: every weight rounded to the nearest point of a uniform
+b-bit grid, one scale (and zero point) per output channel or per group of input columns. The baseline every
+calibration-based quantizer (GPTQ, AWQ) is measured against."""
+
+from typing import Annotated
+
+from pydantic import Field
+from torch import nn
+
+from studio.core.context import StepContext
+from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
+from studio.core.structure import in_out_features, weight_matrix
+from studio.methods.grid import quantize_rtn
+
+COMMON_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+RTN_WEIGHTS_PER_SECOND = 1.5e8  # measured on a 2-core CPU with bench/bench_engine.py
+
+
+class RTNParams(MethodParams):
+    bits: Annotated[int, Field(ge=2, le=8, description="Bits per weight (2-8).")] = 4
+    group_size: Annotated[
+        int, Field(ge=0, le=8192, description="Input columns sharing one scale; 0 = one scale per output channel.")
+    ] = 128
+    symmetric: Annotated[bool, Field(description="Symmetric grid around zero (no zero point) or asymmetric.")] = True
+
+
+def group_size_problems(layers: dict[int, dict[str, nn.Module]], group_size: int) -> list[str]:
+    """A sentence for the first layer whose input width the group size does not divide, naming sizes that fit."""
+    if group_size == 0:
+        return []
+    widths = {name: in_out_features(m)[0] for block in layers.values() for name, m in block.items()}
+    bad = [(name, w) for name, w in widths.items() if w % group_size]
+    if not bad:
+        return []
+    fits = [g for g in COMMON_GROUP_SIZES if all(w % g == 0 for w in widths.values())]
+    name, width = bad[0]
+    others = f" and {len(bad) - 1} more layers" if len(bad) > 1 else ""
+    return [
+        f"field 'group_size': {group_size} does not divide the input width {width} of layer {name}{others}. "
+        f"Group sizes that fit every targeted layer: {', '.join(map(str, fits)) or 'none of the usual ones'} "
+        "(or 0 for one scale per output channel)."
+    ]
+
+
+@register
+class RTN(Method):
+    id = "rtn"
+    title = "RTN weight quantization"
+    family = Family.QUANTIZATION
+    summary = "Round each weight to the nearest point of a per-channel or per-group b-bit grid."
+    Params = RTNParams
+
+    def check(self, layers, params: RTNParams) -> list[str]:
+        return group_size_problems(layers, params.group_size)
+
+    def estimate(self, layers, params: RTNParams) -> Estimate:
+        weights = [m.weight for block in layers.values() for m in block.values()]
+        n = sum(w.numel() for w in weights)
+        # the compressed copy gets new dense weights plus uint8 codes; the original keeps its own
+        extra = sum(w.numel() * (w.element_size() + 1) for w in weights)
+        return Estimate(extra_bytes=extra, seconds=n / RTN_WEIGHTS_PER_SECOND)
+
+    def apply(self, ctx: StepContext, params: RTNParams) -> StepOutcome:
+        for _, layers in ctx.blocks():
+            for name, module in layers.items():
+                w = weight_matrix(module)
+                q = quantize_rtn(w, params.bits, params.group_size, params.symmetric)
+                report = LayerReport(name, bits=params.bits, group_size=params.group_size, parameters=w.numel())
+                ctx.replace_weight(name, module, q.dequantize().to(w.dtype), report, quant=q)
+        return StepOutcome(ctx.reports, {"bits": params.bits, "group_size": params.group_size})

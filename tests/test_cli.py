@@ -1,0 +1,109 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from studio.cli.main import EXIT_BAD_INPUT, main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_methods_lists_every_method_with_its_schema(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0 and "rtn" in out and "magnitude" in out and "group_size" in out
+    code, out, _ = run(capsys, "methods", "--json")
+    methods = {m["id"]: m for m in json.loads(out)}
+    assert methods["rtn"]["family"] == "quantization" and methods["rtn"]["needs_calibration"] is False
+
+
+def test_info(capsys, tiny_folder):
+    code, out, _ = run(capsys, "info", tiny_folder)
+    assert code == 0 and "LlamaForCausalLM" in out and "decoder blocks 3" in out
+    code, out, _ = run(capsys, "info", tiny_folder, "--json")
+    assert json.loads(out)["num_blocks"] == 3
+
+
+def test_eval_json(capsys, tiny_folder, text_file, tmp_path):
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"query": "The fox", "choices": ["jumps", "dog"], "gold": 0}\n')
+    code, out, _ = run(capsys, "eval", tiny_folder, "--text", text_file, "--tokens", 200, "--window", 64,
+                       "--stride", 32, "--tasks", task, "--speed", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["perplexity"] > 1 and result["perplexity_details"]["tokens_scored"] == 200
+    assert result["accuracy"]["t"]["items"] == 1 and result["speed"]["decode_tokens_per_s"] > 0
+
+
+def test_run_writes_model_and_report(capsys, tiny_folder, text_file, tmp_path):
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "run", "rtn-w4-g64", "--model", tiny_folder, "--out", out_dir,
+                         "--eval-text", text_file, "--tokens", 200, "--window", 64, "--stride", 32, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report == json.loads((out_dir / "report.json").read_text())
+    assert report["baseline"]["perplexity"] > 0 and report["final"]["perplexity"] > 0
+    assert report["steps"][0]["method"] == "rtn" and report["steps"][0]["params"]["group_size"] == 64
+    assert (out_dir / "recipe.yaml").exists() and (out_dir / "model.safetensors").exists()
+
+
+def bad_recipe(tmp_path, step: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"schema_version: 1\nsteps:\n  - {step}\n")
+    return path
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing_model", "does not exist"),
+    ("no_weights", "no model weights"),
+    ("truncated_safetensors", "truncated"),
+    ("unknown_method", "step 1 (quantum): unknown method"),
+    ("wrong_type", "field 'bits': Input should be a valid integer"),
+    ("out_of_range", "field 'bits': Input should be less than or equal to 8"),
+    ("group_size_misfit", "does not divide the input width"),
+    ("destination_exists", "already exists"),
+    ("missing_recipe", "does not exist"),
+])
+def test_bad_input_gives_one_paragraph_and_exit_2(capsys, tmp_path, tiny_folder, case, expect):
+    model, out = tiny_folder, tmp_path / "out"
+    recipe = bad_recipe(tmp_path, "{method: rtn, params: {bits: 4, group_size: 32}}")
+    if case == "missing_model":
+        model = tmp_path / "nowhere"
+    elif case == "no_weights":
+        (tiny_folder / "model.safetensors").unlink()
+    elif case == "truncated_safetensors":
+        weights = tiny_folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+    elif case == "unknown_method":
+        recipe = bad_recipe(tmp_path, "{method: quantum}")
+    elif case == "wrong_type":
+        recipe = bad_recipe(tmp_path, "{method: rtn, params: {bits: four}}")
+    elif case == "out_of_range":
+        recipe = bad_recipe(tmp_path, "{method: rtn, params: {bits: 12}}")
+    elif case == "group_size_misfit":
+        recipe = bad_recipe(tmp_path, "{method: rtn, params: {bits: 4, group_size: 96}}")
+    elif case == "destination_exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "missing_recipe":
+        recipe = tmp_path / "nope.yaml"
+    code, stdout, err = run(capsys, "run", recipe, "--model", model, "--out", out)
+    assert code == EXIT_BAD_INPUT
+    assert expect in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    if case == "destination_exists":
+        assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    else:
+        assert not out.exists()
+
+
+def test_console_entry_point_runs_as_a_program(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "studio", "info", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_BAD_INPUT and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "studio", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "compression-studio" in proc.stdout

@@ -1,0 +1,108 @@
+import threading
+
+import torch
+
+from conftest import tiny_model
+from studio.core import events as ev
+from studio.core.loading import LoadedModel
+from studio.core.recipe import parse_recipe
+from studio.core.runner import estimate, prepare, run_recipe
+from studio.core.state import compression_state
+
+TWO_STEPS = {"schema_version": 1, "steps": [
+    {"method": "magnitude", "params": {"pattern": "2:4"}},
+    {"method": "rtn", "params": {"bits": 4, "group_size": 32}},
+]}
+
+
+def fingerprint(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(model, prints):
+    return all(torch.equal(v, prints[k]) for k, v in model.state_dict().items())
+
+
+def test_events_in_order_with_block_progress_and_reports(tiny_loaded, text_file):
+    from studio.core.evaluation import PerplexityConfig
+
+    seen = []
+    result = run_recipe(parse_recipe(TWO_STEPS), tiny_loaded, events=seen.append,
+                        eval_config=PerplexityConfig(str(text_file), window=64, stride=32))
+    assert result.status == "finished"
+    kinds = [type(e).__name__ for e in seen]
+    assert kinds[0] == "RunStarted" and kinds[-1] == "RunFinished"
+    assert kinds.count("StepStarted") == kinds.count("StepFinished") == 2
+    progress = [e for e in seen if isinstance(e, ev.Progress) and e.index == 0]
+    assert [(p.done, p.total) for p in progress] == [(1, 3), (2, 3), (3, 3)]
+    assert any(isinstance(e, ev.Metric) and e.name == "layer_error" and e.layer for e in seen)
+    ppl = [e for e in seen if isinstance(e, ev.Metric) and e.name == "perplexity"]
+    assert [e.index for e in ppl] == [None, 0, 1]
+    report = result.report
+    for step in report["steps"]:
+        assert step["seconds"] > 0 and step["peak_rss_bytes"] > 0 and step["evaluation"]["kl"] >= 0
+    assert report["baseline"]["perplexity"] > 0 and report["final"] == report["steps"][-1]["evaluation"]
+    # 2:4 then 4-bit: the quantized layers keep both their codes and their mask
+    record = next(iter(compression_state(result.model).values()))
+    assert record.quant is not None and record.mask is not None
+
+
+def test_cancel_at_a_block_leaves_the_original_untouched():
+    model = tiny_model("llama")
+    prints = fingerprint(model)
+    token = ev.CancelToken()
+    seen = []
+
+    def on_event(event):
+        seen.append(event)
+        if isinstance(event, ev.Progress) and event.index == 1 and event.done == 1:
+            token.cancel()  # in the second step, after its first block
+
+    result = run_recipe(parse_recipe(TWO_STEPS), LoadedModel(model, None, {}), events=on_event, cancel=token)
+    assert result.status == "cancelled" and result.model is None
+    assert isinstance(seen[-1], ev.RunCancelled) and seen[-1].index == 1
+    progress_after_cancel = [e for e in seen if isinstance(e, ev.Progress) and e.index == 1]
+    assert len(progress_after_cancel) == 1  # stopped at the next block
+    assert same(model, prints) and not compression_state(model)
+
+
+def test_cancel_from_another_thread():
+    model = tiny_model("qwen2")
+    token = ev.CancelToken()
+    threading.Timer(0, token.cancel).start()
+    threading.Event().wait(0.05)
+    result = run_recipe(parse_recipe(TWO_STEPS), LoadedModel(model, None, {}), cancel=token)
+    assert result.status == "cancelled"
+
+
+def test_a_failing_step_is_reported_and_leaves_the_original_untouched(monkeypatch):
+    from studio.methods import rtn
+
+    model = tiny_model("opt")
+    prints = fingerprint(model)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(rtn, "quantize_rtn", boom)
+    seen = []
+    result = run_recipe(parse_recipe(TWO_STEPS), LoadedModel(model, None, {}), events=seen.append)
+    assert result.status == "failed" and "step 2" in result.error and "simulated failure" in result.error
+    assert isinstance(seen[-1], ev.RunFailed) and not result.bad_input
+    assert same(model, prints)
+
+
+def test_invalid_recipe_fails_before_any_work():
+    bad = parse_recipe({"schema_version": 1, "steps": [{"method": "rtn", "params": {"group_size": 48}}]})
+    seen = []
+    result = run_recipe(bad, LoadedModel(tiny_model(), None, {}), events=seen.append, where="bad.yaml")
+    assert result.status == "failed" and result.bad_input and "bad.yaml, step 1 (rtn)" in result.error
+    assert [type(e).__name__ for e in seen] == ["RunFailed"]
+
+
+def test_estimates_before_running():
+    model = tiny_model("llama")
+    steps = prepare(parse_recipe(TWO_STEPS), model)
+    estimates = estimate(steps, model)
+    linear_weights = sum(m.weight.numel() for n, m in model.named_modules() if n.startswith("model.layers") and hasattr(m, "weight") and m.weight.dim() == 2)
+    assert all(e.extra_bytes >= linear_weights * 4 and e.seconds > 0 for e in estimates)
