@@ -2,6 +2,9 @@
 transformers loop, on one real GGUF model. Prints a table; `--json FILE` also writes the rows.
 
     python bench/bench_engine.py [--model M.gguf] [--text T.txt] [--repeats 3] [--cold-repeats 1]
+
+Exits 1 when the studio's perplexity and the plain loop's differ by more than 0.1%, or when the dense cache
+tokenizes the text differently from the GGUF.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,16 +35,20 @@ RTN_RECIPE = {"schema_version": 1, "steps": [{"method": "rtn", "params": {"bits"
 MiB = 2**20
 
 
-def loadavg():
-    """1-minute load average: other processes on the machine make every number here slower and noisier."""
-    return round(os.getloadavg()[0], 2)
+def contention():
+    """1-minute load average (this benchmark adds about its thread count) and, on Linux, the share of the
+    last 60 s in which some runnable task waited for a CPU: other work on the machine slows every number."""
+    try:
+        psi = Path("/proc/pressure/cpu").read_text().split()[2].split("=")[1] + "%"
+    except (OSError, IndexError):
+        psi = "n/a"
+    return f"load {os.getloadavg()[0]:.2f}, cpu pressure {psi}"
 
 
 def row(what, times, peak_bytes, tokens_per_s=None, quality=None, **extra):
     """One table row; `seconds` is the median of `times`, every run's seconds kept for the JSON."""
     return {"what": what, "seconds": statistics.median(times), "runs": len(times), "times": times,
-            "tokens_per_s": tokens_per_s,
-            "peak_rss_mib": peak_bytes / MiB, "quality": quality, **extra}
+            "tokens_per_s": tokens_per_s, "peak_rss_mib": peak_bytes / MiB, "quality": quality, **extra}
 
 
 def timed(fn, repeats):
@@ -103,7 +111,6 @@ def plain_perplexity(model, tokens, window, stride, bos_id):
 
 def bench_rtn(loaded, repeats, tokens, config, bos_id):
     recipe = parse_recipe(RTN_RECIPE)
-
     step_seconds, step_peaks = [], []
 
     def run_and_record():
@@ -120,24 +127,30 @@ def bench_rtn(loaded, repeats, tokens, config, bos_id):
 
 
 def bench_eval(loaded, tokens, config, repeats, bos_id):
-    plain_perplexity(loaded.model, tokens[: config.window], config.window, config.stride, bos_id)  # warm-up, untimed
-    studio_t, plain_t = [], []
-    studio_peak = plain_peak = 0
-    for _ in range(repeats):  # alternate, so drift in machine speed hits both alike
-        with PeakRSS() as peak:
-            start = time.perf_counter()
-            studio = perplexity(loaded.model, tokens, config, loaded.tokenizer)
-            studio_t.append(time.perf_counter() - start)
-        studio_peak = max(studio_peak, peak.bytes)
-        with PeakRSS() as peak:
-            start = time.perf_counter()
-            plain_ppl, plain_scored = plain_perplexity(loaded.model, tokens, config.window, config.stride, bos_id)
-            plain_t.append(time.perf_counter() - start)
-        plain_peak = max(plain_peak, peak.bytes)
-    assert studio.tokens_scored == plain_scored, (studio.tokens_scored, plain_scored)
+    def studio_loop(ids):
+        result = perplexity(loaded.model, ids, config, loaded.tokenizer)
+        return result.perplexity, result.tokens_scored
+
+    def plain_loop(ids):
+        return plain_perplexity(loaded.model, ids, config.window, config.stride, bos_id)
+
+    loops = {"studio": studio_loop, "plain": plain_loop}
+    times, peaks, results = {k: [] for k in loops}, dict.fromkeys(loops, 0), {}
+    for loop in loops.values():  # warm-up, untimed: one window each
+        loop(tokens[: config.window])
+    for i in range(repeats):  # take turns going first, so drift in machine speed hits both alike
+        for name in (("studio", "plain") if i % 2 == 0 else ("plain", "studio")):
+            with PeakRSS() as peak:
+                start = time.perf_counter()
+                results[name] = loops[name](tokens)
+                times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], peak.bytes)
+    (studio_ppl, studio_scored), (plain_ppl, plain_scored) = results["studio"], results["plain"]
+    studio_t, plain_t, studio_peak, plain_peak = times["studio"], times["plain"], peaks["studio"], peaks["plain"]
+    assert studio_scored == plain_scored, (studio_scored, plain_scored)
     studio_s, plain_s = statistics.median(studio_t), statistics.median(plain_t)
-    rel = abs(studio.perplexity - plain_ppl) / plain_ppl
-    rows = [row("eval: studio perplexity()", studio_t, studio_peak, plain_scored / studio_s, studio.perplexity,
+    rel = abs(studio_ppl - plain_ppl) / plain_ppl
+    rows = [row("eval: studio perplexity()", studio_t, studio_peak, plain_scored / studio_s, studio_ppl,
                 tokens_scored=plain_scored),
             row("eval: plain transformers", plain_t, plain_peak, plain_scored / plain_s, plain_ppl,
                 tokens_scored=plain_scored)]
@@ -148,8 +161,8 @@ def bench_eval(loaded, tokens, config, repeats, bos_id):
 
 def print_table(machine, rows, summary):
     print(f"\nmachine: {machine['cpus']} CPUs, torch {machine['torch']} ({machine['threads']} threads), "
-          f"transformers {machine['transformers']}, python {machine['python']}, load average "
-          f"{machine['loadavg_before']} before, {machine['loadavg_after']} after")
+          f"transformers {machine['transformers']}, python {machine['python']}, "
+          f"{machine['contention_before']} before; {machine['contention_after']} after")
     print(f"model: {machine['model']}  text: {machine['text']}")
     header = f"{'what':<30} {'seconds':>9} {'runs':>5} {'tokens/s':>9} {'peak RSS MiB':>13} {'quality (ppl)':>14}"
     print(header + "\n" + "-" * len(header))
@@ -157,9 +170,9 @@ def print_table(machine, rows, summary):
         tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         quality = f"{r['quality']:.4f}" if r["quality"] else "-"
         print(f"{r['what']:<30} {r['seconds']:>9.3f} {r['runs']:>5} {tps:>9} {r['peak_rss_mib']:>13.0f} {quality:>14}")
+    verdict = "agree" if summary["agree_within_0.1pct"] else "DISAGREE"
     print(f"\nstudio/plain eval speed: {summary['studio_over_plain_tokens_per_s']:.3f}x; perplexity relative "
-          f"difference {summary['perplexity_rel_diff']:.2e} ({'agree' if summary['agree_within_0.1pct'] else 'DISAGREE'}"
-          " within 0.1%)")
+          f"difference {summary['perplexity_rel_diff']:.2e} ({verdict} within 0.1%)")
     print(f"dense cache gives the GGUF's tokens and BOS: {summary['cache_same_tokens']}; load rows' quality is "
           "the plain-loop perplexity of the model each load returned; rtn rows': of the W4 g64 copy")
 
@@ -179,7 +192,7 @@ def main(argv=None):
 
     machine = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "transformers": transformers.__version__, "python": platform.python_version(),
-               "model": args.model, "text": args.text, "loadavg_before": loadavg()}
+               "model": args.model, "text": args.text, "contention_before": contention()}
     config = PerplexityConfig(args.text, max_tokens=args.max_tokens, window=1024, stride=1024)
 
     cold_row, cold = bench_cold_load(args.model, args.cold_repeats)
@@ -195,11 +208,12 @@ def main(argv=None):
     warm_row["quality"] = eval_rows[1]["quality"]
     rows = [cold_row, warm_row]
     rows += bench_rtn(loaded, args.repeats, tokens, config, bos_id) + eval_rows
-    machine["loadavg_after"] = loadavg()
+    machine["contention_after"] = contention()
     print_table(machine, rows, summary)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows, "summary": summary}, indent=2))
+    return 0 if summary["agree_within_0.1pct"] and summary["cache_same_tokens"] else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

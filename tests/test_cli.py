@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from conftest import SMOLLM
 from studio.cli.main import EXIT_BAD_INPUT, main
 
 
@@ -61,6 +62,7 @@ def bad_recipe(tmp_path, step: str):
     ("missing_model", "does not exist"),
     ("no_weights", "no model weights"),
     ("truncated_safetensors", "truncated"),
+    ("truncated_gguf", "not a readable GGUF file"),
     ("unknown_method", "step 1 (quantum): unknown method"),
     ("wrong_type", "field 'bits': Input should be a valid integer"),
     ("out_of_range", "field 'bits': Input should be less than or equal to 8"),
@@ -78,6 +80,10 @@ def test_bad_input_gives_one_paragraph_and_exit_2(capsys, tmp_path, tiny_folder,
     elif case == "truncated_safetensors":
         weights = tiny_folder / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:5000])
+    elif case == "truncated_gguf":
+        model = tmp_path / "cut.gguf"
+        with open(SMOLLM, "rb") as fh:
+            model.write_bytes(fh.read(3_000_000))
     elif case == "unknown_method":
         recipe = bad_recipe(tmp_path, "{method: quantum}")
     elif case == "wrong_type":

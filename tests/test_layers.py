@@ -30,3 +30,14 @@ def test_engine_imports_without_loading_qt():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_qt_bindings_do_not_leak_references_to_none():
+    """PySide6 6.12.0 on Python 3.11 drops a reference to None on every void call and aborts the app within
+    seconds of drawing charts; pyproject excludes it, and this catches such a release coming back."""
+    code = (
+        "import sys\nfrom PySide6.QtCore import QObject\nobj = QObject()\nbefore = sys.getrefcount(None)\n"
+        "for _ in range(1000):\n    obj.setObjectName('x')\nprint(before - sys.getrefcount(None))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and abs(int(out.stdout.strip())) < 50, out.stderr[-500:]

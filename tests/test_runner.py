@@ -33,8 +33,11 @@ def test_events_in_order_with_block_progress_and_reports(tiny_loaded, text_file)
     kinds = [type(e).__name__ for e in seen]
     assert kinds[0] == "RunStarted" and kinds[-1] == "RunFinished"
     assert kinds.count("StepStarted") == kinds.count("StepFinished") == 2
-    progress = [e for e in seen if isinstance(e, ev.Progress) and e.index == 0]
+    progress = [e for e in seen if isinstance(e, ev.Progress) and e.index == 0 and e.unit == "block"]
     assert [(p.done, p.total) for p in progress] == [(1, 3), (2, 3), (3, 3)]
+    windows = [e for e in seen if isinstance(e, ev.Progress) and e.unit == "window"]
+    assert windows and {e.index for e in windows} == {-1, 0, 1} and windows[-1].done == windows[-1].total
+    assert [e.ordinal for e in seen if isinstance(e, ev.StepStarted)] == [0, 1]
     assert any(isinstance(e, ev.Metric) and e.name == "layer_error" and e.layer for e in seen)
     ppl = [e for e in seen if isinstance(e, ev.Metric) and e.name == "perplexity"]
     assert [e.index for e in ppl] == [None, 0, 1]
@@ -61,7 +64,7 @@ def test_cancel_at_a_block_leaves_the_original_untouched():
     result = run_recipe(parse_recipe(TWO_STEPS), LoadedModel(model, None, {}), events=on_event, cancel=token)
     assert result.status == "cancelled" and result.model is None
     assert isinstance(seen[-1], ev.RunCancelled) and seen[-1].index == 1
-    progress_after_cancel = [e for e in seen if isinstance(e, ev.Progress) and e.index == 1]
+    progress_after_cancel = [e for e in seen if isinstance(e, ev.Progress) and e.index == 1 and e.unit == "block"]
     assert len(progress_after_cancel) == 1  # stopped at the next block
     assert same(model, prints) and not compression_state(model)
 

@@ -268,6 +268,7 @@ def cmd_run(args) -> int:
     if config and not Path(config.text_file).is_file():
         raise StudioError(f"Evaluation text '{config.text_file}' does not exist.")
     loaded = _load(args)
+    _print_estimates(recipe, loaded.model, str(recipe_path))
     with ProgressPrinter() as progress:
         result = run_recipe(recipe, loaded, events=progress, eval_config=config, where=str(recipe_path))
     if result.status == "failed":
@@ -282,6 +283,14 @@ def cmd_run(args) -> int:
     else:
         _print_run_summary(report, out)
     return EXIT_OK
+
+
+def _print_estimates(recipe, model, where: str) -> None:
+    from studio.core.runner import estimate, prepare
+
+    steps = prepare(recipe, model, where)
+    for vs, est in zip(steps, estimate(steps, model)):
+        print(f"{vs.label}: estimated +{est.extra_bytes / 2**20:,.0f} MiB, about {est.seconds:,.1f} s", file=sys.stderr)
 
 
 def _print_run_summary(report: dict, out: Path) -> None:

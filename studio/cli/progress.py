@@ -15,9 +15,9 @@ class ProgressPrinter:
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.StepStarted):
             self._close()
-            self.bar = tqdm(desc=f"step {event.index + 1}/{event.total_steps} {event.method}", unit="block",
+            self.bar = tqdm(desc=f"step {event.ordinal + 1}/{event.total_steps} {event.method}", unit="block",
                             file=self.stream, leave=True)
-        elif isinstance(event, ev.Progress) and self.bar is not None:
+        elif isinstance(event, ev.Progress) and event.unit == "block" and self.bar is not None:
             self.bar.total = event.total
             self.bar.n = event.done
             self.bar.refresh()

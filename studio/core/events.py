@@ -24,17 +24,18 @@ class RunStarted(Event):
 
 @dataclass(frozen=True)
 class StepStarted(Event):
-    index: int  # 0-based position in the recipe
+    index: int  # 0-based position in the recipe (disabled steps count)
     method: str
-    total_steps: int
+    total_steps: int  # steps this run executes
+    ordinal: int = 0  # 0-based position among the steps this run executes: "step ordinal+1 of total_steps"
 
 
 @dataclass(frozen=True)
 class Progress(Event):
-    index: int
-    done: int  # blocks finished
+    index: int  # the step; -1 while evaluating the original
+    done: int  # units finished
     total: int
-    unit: str = "block"
+    unit: str = "block"  # "block" while compressing, "window" while evaluating
     message: str = ""
 
 

@@ -106,9 +106,14 @@ class Method(ABC):
     @abstractmethod
     def estimate(self, layers: dict[int, dict[str, nn.Module]], params: MethodParams) -> Estimate: ...
 
+    def stored_bytes(self, module: nn.Module, params: MethodParams) -> int:
+        """Bytes the layer's weight will take in its compressed form after this step. The default is a method
+        that leaves dense weights (pruning stores zeros densely, and drops earlier quantization codes)."""
+        return module.weight.numel() * module.weight.element_size()
+
     @abstractmethod
     def apply(self, ctx: "StepContext", params: MethodParams) -> StepOutcome:  # noqa: F821
-        """Compress `ctx.layers` block by block, calling `ctx.block_done(i)` after each block."""
+        """Compress `ctx.layers` block by block, iterating `ctx.blocks()` (progress and cancellation per block)."""
 
 
 REGISTRY: dict[str, Method] = {}

@@ -20,6 +20,7 @@ from studio.core.events import (
     CancelToken,
     EventCallback,
     Metric,
+    Progress,
     RunCancelled,
     RunFailed,
     RunFinished,
@@ -57,8 +58,16 @@ def estimate(steps: list[ValidatedStep], model: nn.Module) -> list[Estimate]:
     return [vs.method.estimate(target_layers(model, vs.step.targets), vs.params) for vs in steps]
 
 
+def _window_progress(emit: EventCallback, index: int | None):
+    def report(done: int, total: int) -> None:
+        emit(Progress(-1 if index is None else index, done, total, "window", "evaluating"))
+
+    return report
+
+
 def _evaluate(model, original, tokens, config, tokenizer, cancel, emit, index) -> dict[str, Any]:
-    result = perplexity(model, tokens, config, tokenizer, reference=original, cancel=cancel)
+    result = perplexity(model, tokens, config, tokenizer, reference=original, cancel=cancel,
+                        on_window=_window_progress(emit, index))
     emit(Metric("perplexity", result.perplexity, index))
     if result.kl is not None:
         emit(Metric("kl", result.kl, index))
@@ -87,15 +96,17 @@ def run_recipe(
         events(RunStarted(len(steps)))
         tokens = None
         report["size_before"] = size_report(original)
+        events(Metric("compressed_bytes", report["size_before"]["compressed_bytes"], None))
         if eval_config is not None:
             tokens = load_eval_tokens(loaded.tokenizer, eval_config)
-            baseline = perplexity(original, tokens, eval_config, loaded.tokenizer, cancel=cancel)
+            baseline = perplexity(original, tokens, eval_config, loaded.tokenizer, cancel=cancel,
+                                  on_window=_window_progress(events, None))
             events(Metric("perplexity", baseline.perplexity, None))
             report["baseline"] = baseline.to_dict()
         model = clone_sharing_weights(original)
         for n, vs in enumerate(steps):
             index = vs.index
-            events(StepStarted(index, vs.step.method, len(steps)))
+            events(StepStarted(index, vs.step.method, len(steps), n))
             layers = target_layers(model, vs.step.targets)
             ctx = StepContext(model, layers, index, events, cancel)
             begin = time.perf_counter()

@@ -35,10 +35,16 @@ class QuantizedWeight:
         return w.view(out_f, in_f)
 
     def packed_bytes(self) -> int:
-        """Codes at `bits` each, plus a 16-bit scale per group and a zero point per group when asymmetric."""
-        groups = self.scales.numel()
-        meta = groups * 2 + (0 if self.symmetric else math.ceil(groups * self.bits / 8))
-        return math.ceil(self.codes.numel() * self.bits / 8) + meta
+        out_f, in_f = self.codes.shape
+        return packed_size(out_f, in_f, self.bits, self.group_size, self.symmetric)
+
+
+def packed_size(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool) -> int:
+    """Bytes of a quantized (out, in) weight: codes at `bits` each, plus a 16-bit scale per group and a zero
+    point per group when asymmetric (`group_size` 0: one group per row)."""
+    groups = out_features * (in_features // (group_size or in_features))
+    meta = groups * 2 + (0 if symmetric else math.ceil(groups * bits / 8))
+    return math.ceil(out_features * in_features * bits / 8) + meta
 
 
 @dataclass(frozen=True)

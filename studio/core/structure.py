@@ -96,3 +96,9 @@ def target_layers(model: nn.Module, spec: TargetSpec) -> dict[int, dict[str, nn.
         if layers:
             grouped[i] = layers
     return grouped
+
+
+def iter_layers(layers: dict[int, dict[str, nn.Module]]):
+    """(name, module) of every layer in a `target_layers` grouping, in block order."""
+    for block in layers.values():
+        yield from block.items()

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
-from studio.core.structure import in_out_features, weight_matrix
+from studio.core.structure import in_out_features, iter_layers, weight_matrix
 
 PRUNE_WEIGHTS_PER_SECOND = 5e7
 
@@ -69,15 +69,14 @@ class MagnitudePruning(Method):
         if params.pattern == "unstructured":
             return []
         m = int(params.pattern.split(":")[1])
-        for block in layers.values():
-            for name, module in block.items():
-                width = in_out_features(module)[0]
-                if width % m:
-                    return [f"field 'pattern': {params.pattern} needs input widths divisible by {m}; layer {name} has {width}."]
+        for name, module in iter_layers(layers):
+            width = in_out_features(module)[0]
+            if width % m:
+                return [f"field 'pattern': {params.pattern} needs input widths divisible by {m}; layer {name} has {width}."]
         return []
 
     def estimate(self, layers, params: MagnitudeParams) -> Estimate:
-        weights = [m.weight for block in layers.values() for m in block.values()]
+        weights = [m.weight for _, m in iter_layers(layers)]
         n = sum(w.numel() for w in weights)
         extra = sum(w.numel() * (w.element_size() + 1) for w in weights)  # new weights and bool masks
         if params.scope == "global" and params.pattern == "unstructured":
@@ -87,7 +86,7 @@ class MagnitudePruning(Method):
     def apply(self, ctx: StepContext, params: MagnitudeParams) -> StepOutcome:
         threshold = None
         if params.pattern == "unstructured" and params.scope == "global":
-            all_weights = [weight_matrix(m) for block in ctx.layers.values() for m in block.values()]
+            all_weights = [weight_matrix(m) for _, m in iter_layers(ctx.layers)]
             threshold = global_threshold(all_weights, params.sparsity)
             del all_weights
         for _, layers in ctx.blocks():

@@ -9,7 +9,8 @@ from torch import nn
 
 from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
-from studio.core.structure import in_out_features, weight_matrix
+from studio.core.state import packed_size
+from studio.core.structure import in_out_features, iter_layers, weight_matrix
 from studio.methods.grid import quantize_rtn
 
 COMMON_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
@@ -28,7 +29,7 @@ def group_size_problems(layers: dict[int, dict[str, nn.Module]], group_size: int
     """A sentence for the first layer whose input width the group size does not divide, naming sizes that fit."""
     if group_size == 0:
         return []
-    widths = {name: in_out_features(m)[0] for block in layers.values() for name, m in block.items()}
+    widths = {name: in_out_features(m)[0] for name, m in iter_layers(layers)}
     bad = [(name, w) for name, w in widths.items() if w % group_size]
     if not bad:
         return []
@@ -54,11 +55,15 @@ class RTN(Method):
         return group_size_problems(layers, params.group_size)
 
     def estimate(self, layers, params: RTNParams) -> Estimate:
-        weights = [m.weight for block in layers.values() for m in block.values()]
+        weights = [m.weight for _, m in iter_layers(layers)]
         n = sum(w.numel() for w in weights)
         # the compressed copy gets new dense weights plus uint8 codes; the original keeps its own
         extra = sum(w.numel() * (w.element_size() + 1) for w in weights)
         return Estimate(extra_bytes=extra, seconds=n / RTN_WEIGHTS_PER_SECOND)
+
+    def stored_bytes(self, module, params: RTNParams) -> int:
+        in_f, out_f = in_out_features(module)
+        return packed_size(out_f, in_f, params.bits, params.group_size, params.symmetric)
 
     def apply(self, ctx: StepContext, params: RTNParams) -> StepOutcome:
         for _, layers in ctx.blocks():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -109,13 +109,16 @@ def perplexity(
     tokenizer: Any = None,
     reference: nn.Module | None = None,
     cancel: CancelToken | None = None,
+    on_window: Callable[[int, int], None] | None = None,
 ) -> PerplexityResult:
-    """Perplexity of `model` on `tokens`; with `reference`, also KL(reference || model) and top-1 agreement."""
+    """Perplexity of `model` on `tokens`; with `reference`, also KL(reference || model) and top-1 agreement.
+    `on_window(done, total)` is called after each window."""
     if config.stride < 1 or config.stride > config.window:
         raise EvaluationError(f"stride must be between 1 and the window ({config.window}); got {config.stride}.")
     bos = bos_id(tokenizer, config.bos) if tokenizer is not None else None
     nll_sum, kl_sum, agree, scored = 0.0, 0.0, 0, 0
-    for begin, end, first in _windows(len(tokens), config.window, config.stride, bos is not None):
+    windows = list(_windows(len(tokens), config.window, config.stride, bos is not None))
+    for done, (begin, end, first) in enumerate(windows, 1):
         if cancel is not None:
             cancel.check()
         ids = tokens[begin:end]
@@ -132,6 +135,8 @@ def perplexity(
             kl_sum += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
             agree += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
         scored += len(targets)
+        if on_window is not None:
+            on_window(done, len(windows))
     nll = nll_sum / scored
     record = asdict(config) | {
         "tokens_total": int(len(tokens)),
