@@ -49,6 +49,10 @@ def test_bos_and_join_are_recorded(tokenizer, text_file):
     result = perplexity(tiny_model("qwen2"), load_eval_tokens(tokenizer, config), config, tokenizer)
     assert result.tokens_scored == 100 and result.config["bos_token_id"] == tokenizer.bos_token_id
     assert result.config["join"] == "\n" and result.config["tokens_total"] == 100
+    assert result.config["effective_stride"] == 16
+    side_by_side = PerplexityConfig(str(text_file), max_tokens=100, window=32, stride=32)
+    result = perplexity(tiny_model("qwen2"), load_eval_tokens(tokenizer, side_by_side), side_by_side, tokenizer)
+    assert result.config["effective_stride"] == 31 and result.tokens_scored == 100  # BOS takes a place
 
 
 def test_kl_to_itself_is_zero_and_to_another_model_positive(tokenizer, text_file):

@@ -281,8 +281,13 @@ def _load_single_pickle(file: Path, dtype: torch.dtype, trust_remote_code: bool)
 
 
 def _gguf_cache_key(file: Path) -> str:
+    """Changes with the file and with the libraries that dequantize it."""
+    import gguf
+    import transformers
+
     stat = file.stat()
-    ident = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    versions = f"{transformers.__version__}|{getattr(gguf, '__version__', '')}"
+    ident = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{versions}"
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
@@ -344,6 +349,7 @@ def detach_gguf_quantizer(model: nn.Module) -> None:
 
 
 def _write_dense_cache(model: nn.Module, tokenizer: Any, target: Path) -> None:
+    tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
@@ -351,9 +357,10 @@ def _write_dense_cache(model: nn.Module, tokenizer: Any, target: Path) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError as exc:  # a full or read-only cache only costs speed
+    except Exception as exc:  # a full, read-only or odd cache only costs speed next time
         log.warning("Could not cache the dense GGUF conversion in %s: %s", target, exc)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sample_path() -> Path:

@@ -30,7 +30,7 @@ from studio.core.events import (
     ignore,
 )
 from studio.core.loading import LoadedModel
-from studio.core.memory import PeakRSS
+from studio.core.memory import PeakRSS, rss_bytes
 from studio.core.recipe import Recipe, ValidatedStep, check_against_model, validate_recipe
 from studio.core.registry import Estimate
 from studio.core.structure import target_layers
@@ -110,6 +110,7 @@ def run_recipe(
             layers = target_layers(model, vs.step.targets)
             ctx = StepContext(model, layers, index, events, cancel)
             begin = time.perf_counter()
+            rss_before = rss_bytes()
             with PeakRSS() as peak:
                 outcome = vs.method.apply(ctx, vs.params)
             step_report = {
@@ -118,7 +119,8 @@ def run_recipe(
                 "params": vs.params.model_dump(),
                 "targets": {"include": list(vs.step.targets.include), "exclude": list(vs.step.targets.exclude)},
                 "seconds": time.perf_counter() - begin,
-                "peak_rss_bytes": peak.bytes,
+                "peak_rss_bytes": peak.bytes,  # the whole process, original model included
+                "rss_before_bytes": rss_before,
                 "summary": outcome.summary,
                 "layers": [vars(r) for r in outcome.layers],
                 "size": size_report(model),

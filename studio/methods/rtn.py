@@ -14,7 +14,7 @@ from studio.core.structure import in_out_features, iter_layers, weight_matrix
 from studio.methods.grid import quantize_rtn
 
 COMMON_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
-RTN_WEIGHTS_PER_SECOND = 1.5e8  # measured on a 2-core CPU with bench/bench_engine.py
+RTN_WEIGHTS_PER_SECOND = 1.5e8  # bench/bench_engine.py measured 1.9e8 on an idle 2-core CPU; kept cautious
 
 
 class RTNParams(MethodParams):

@@ -139,6 +139,7 @@ def perplexity(
             on_window(done, len(windows))
     nll = nll_sum / scored
     record = asdict(config) | {
+        "effective_stride": min(config.stride, config.window - 1 if bos is not None else config.window),
         "tokens_total": int(len(tokens)),
         "bos_token_id": bos,
         "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
