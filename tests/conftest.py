@@ -27,8 +27,10 @@ TEXT = (
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Tests never write to the user's cache; the dense GGUF cache of the real model is shared across tests."""
+    """Tests never write to the user's cache or data (run history); the dense GGUF cache of the real model is
+    shared across tests."""
     os.environ.setdefault("STUDIO_CACHE_DIR", str(tmp_path_factory.mktemp("studio-cache")))
+    os.environ["STUDIO_DATA_DIR"] = str(tmp_path_factory.mktemp("studio-data"))
 
 
 def tiny_config(kind: str):

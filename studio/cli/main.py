@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
 
     sub.add_parser("presets", help="list the bundled recipe presets")
+
+    p = sub.add_parser("history", help="list the runs recorded in the run history, newest first")
+    p.add_argument("--filter", metavar="TEXT", help="only runs whose model, recipe, status or export path has TEXT")
+    p.add_argument("--status", choices=["finished", "failed", "cancelled"], help="only runs that ended so")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
     return parser
 
 
@@ -269,20 +275,83 @@ def cmd_run(args) -> int:
         raise StudioError(f"Evaluation text '{config.text_file}' does not exist.")
     loaded = _load(args)
     _print_estimates(recipe, loaded.model, str(recipe_path))
-    with ProgressPrinter() as progress:
-        result = run_recipe(recipe, loaded, events=progress, eval_config=config, where=str(recipe_path))
+    started_at = time.time()
+
+    def remember(status: str, report: dict, export: Path | None = None, error: str | None = None) -> None:
+        _record_run(status, report, recipe, loaded.source, export, error, started_at)
+
+    try:
+        with ProgressPrinter() as progress:
+            result = run_recipe(recipe, loaded, events=progress, eval_config=config, where=str(recipe_path))
+    except KeyboardInterrupt:
+        remember("cancelled", {})
+        raise
     if result.status == "failed":
+        remember("failed", result.report, error=result.error)
         print(f"error: {result.error}", file=sys.stderr)
         return EXIT_BAD_INPUT if result.bad_input else EXIT_RUN_FAILED
     if result.status == "cancelled":
+        remember("cancelled", result.report)
         return EXIT_INTERRUPTED
-    export_hf_folder(result.model, loaded.tokenizer, out, recipe=recipe, report=result.report, force=args.force)
+    try:
+        export_hf_folder(result.model, loaded.tokenizer, out, recipe=recipe, report=result.report, force=args.force)
+    except BaseException:
+        remember("finished", result.report)  # the run itself finished; only its export did not
+        raise
     report = json.loads((out / "report.json").read_text())
+    remember("finished", report, out)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         _print_run_summary(report, out)
     return EXIT_OK
+
+
+def _record_run(status, report, recipe, source, export, error, started_at) -> None:
+    """Store the run in the run history; a history that cannot be written is a warning, never a failed run."""
+    from studio.core.history import RunHistory
+
+    try:
+        RunHistory().record(status, report, recipe, source, export, error=error, started_at=started_at)
+    except Exception as exc:
+        print(f"warning: the run was not recorded in the run history: {exc}", file=sys.stderr)
+
+
+def cmd_history(args) -> int:
+    from studio.core.history import RunHistory
+
+    records = RunHistory().list(args.filter, args.status)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2, default=str))
+        return EXIT_OK
+    if not records:
+        print("no runs recorded" + (" that match" if args.filter or args.status else ""))
+        return EXIT_OK
+    print(f"{'id':>4}  {'finished':<16}  {'status':<9}  {'model':<24}  {'recipe':<24}  {'perplexity':>19}  "
+          f"{'KL':>8}  {'MiB':>17}  {'seconds':>8}  export")
+    for r in records:
+        print(f"{r.id:>4}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(r.finished_at)):<16}  {r.status:<9}  "
+              f"{_clip(r.model_name, 24):<24}  {_clip(r.recipe_name, 24):<24}  "
+              f"{_pair(r.baseline_perplexity, r.final_perplexity, '.3f'):>19}  {_num(r.kl, '.5f'):>8}  "
+              f"{_pair(_mib(r.size_before), _mib(r.size_after), '.2f'):>17}  {_num(r.seconds, '.1f'):>8}  "
+              f"{r.export_path or ''}")
+    return EXIT_OK
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pair(before, after, spec: str) -> str:
+    return f"{_num(before, spec)} -> {_num(after, spec)}"
+
+
+def _mib(n: int | None) -> float | None:
+    return None if n is None else n / 2**20
 
 
 def _print_estimates(recipe, model, where: str) -> None:
@@ -307,4 +376,5 @@ def _print_run_summary(report: dict, out: Path) -> None:
     print(f"exported to {out}")
 
 
-COMMANDS = {"info": cmd_info, "methods": cmd_methods, "eval": cmd_eval, "run": cmd_run, "presets": cmd_presets}
+COMMANDS = {"info": cmd_info, "methods": cmd_methods, "eval": cmd_eval, "run": cmd_run, "presets": cmd_presets,
+            "history": cmd_history}

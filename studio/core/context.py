@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads lazily: the window must open fast
+    import torch
+    from torch import nn
 
 from studio.core.events import CancelToken, EventCallback, Metric, Progress, Warning
 from studio.core.registry import LayerReport

@@ -13,3 +13,11 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "compression-studio"
+
+
+def data_dir() -> Path:
+    """`$STUDIO_DATA_DIR`, else `$XDG_DATA_HOME/compression-studio`, else `~/.local/share/compression-studio`."""
+    if env := os.environ.get("STUDIO_DATA_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "compression-studio"

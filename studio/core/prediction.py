@@ -5,7 +5,10 @@ and scales for a quantizer, dense for pruning); everything else keeps its curren
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads lazily: the window must open fast
+    from torch import nn
 
 from studio.core.recipe import ValidatedStep
 from studio.core.structure import iter_layers, target_layers

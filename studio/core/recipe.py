@@ -23,7 +23,10 @@ from typing import Any, Callable
 
 import pydantic
 import yaml
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads lazily: the window must open fast
+    from torch import nn
 
 from studio.core.errors import RecipeError
 from studio.core.registry import Method, MethodParams, get_method

@@ -14,7 +14,10 @@ from typing import Any, ClassVar
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads lazily: the window must open fast
+    from torch import nn
 
 
 class Family(enum.StrEnum):

@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads lazily: the window must open fast
+    import torch
+    from torch import nn
 
 STATE_ATTR = "studio_state"
 

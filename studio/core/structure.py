@@ -5,32 +5,47 @@ The decoder blocks are the longest `nn.ModuleList` whose children all share one 
 GPT-2's `Conv1D` stores its weight as (in, out); `weight_matrix` always returns the (out, in) view.
 """
 
+from __future__ import annotations
+
+import sys
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported when a model is inspected, so the window opens without it
+    import torch
+    from torch import nn
 
-try:  # transformers' GPT-2 style linear layer
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - very old transformers
-    Conv1D = ()
+
+def _linear_types() -> tuple[type, ...]:
+    """nn.Linear, and transformers' GPT-2 style Conv1D when transformers has loaded it (a model that has one
+    was built by transformers, so the module is already imported)."""
+    from torch import nn
+
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def _is_dense_linear(module: nn.Module) -> bool:
+    from torch import nn
+
+    return isinstance(module, nn.Linear)
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (Conv1D != () and isinstance(module, Conv1D))
+    return isinstance(module, _linear_types())
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The layer's weight as (out_features, in_features)."""
     w = module.weight.data
-    return w.t() if not isinstance(module, nn.Linear) else w
+    return w.t() if not _is_dense_linear(module) else w
 
 
 def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     """Give the layer a new (out, in) weight tensor. Rebinds `.data`, never writes in place, so a clone that
     shares storage with the original model leaves the original untouched."""
-    w = w.t().contiguous() if not isinstance(module, nn.Linear) else w.contiguous()
+    w = w.t().contiguous() if not _is_dense_linear(module) else w.contiguous()
     module.weight.data = w.to(module.weight.dtype)
 
 
@@ -49,6 +64,8 @@ class DecoderBlocks:
 
 
 def find_decoder_blocks(model: nn.Module) -> DecoderBlocks:
+    from torch import nn
+
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:

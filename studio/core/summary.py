@@ -1,9 +1,14 @@
 """What a loaded model is: architecture, parameters, bytes by dtype, decoder blocks and their linear layers."""
 
+from __future__ import annotations
+
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 from studio.core.structure import find_decoder_blocks, in_out_features, is_linear
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QSettings, Qt
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
@@ -22,7 +23,6 @@ from PySide6.QtWidgets import (
 )
 
 from studio import __version__
-from studio.core.evaluation.perplexity import PerplexityConfig
 from studio.gui.charts import LiveCharts
 from studio.gui.compare_view import CompareView
 from studio.gui.log_panel import LogPanel
@@ -33,6 +33,9 @@ from studio.gui.run_controller import RunController
 from studio.gui.run_progress import RunProgress
 from studio.gui.tasks import ExportTask, LoadModelTask, Task
 from studio.gui.theme import THEMES, apply_theme
+
+if TYPE_CHECKING:  # torch loads on first use, so the window opens fast
+    from studio.core.evaluation.perplexity import PerplexityConfig
 
 log = logging.getLogger("studio.gui")
 ORGANIZATION, APPLICATION = "CompressionStudio", "Compression Studio"
@@ -53,6 +56,8 @@ def open_settings(settings: QSettings | str | os.PathLike | None = None) -> QSet
 
 def quick_eval_config(text_file: str, model) -> PerplexityConfig:
     """Few tokens for live feedback; windows never longer than the model's context."""
+    from studio.core.evaluation.perplexity import PerplexityConfig
+
     config = getattr(model, "config", None)
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     window = min(QUICK_EVAL_WINDOW, context or QUICK_EVAL_WINDOW)

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from studio.core.errors import RecipeError
 from studio.core.prediction import predict_compressed_bytes, dense_bytes
 from studio.core.recipe import Step, ValidatedStep, check_against_model, validate_step
-from studio.core.runner import estimate
 from studio.core.structure import iter_layers, target_layers
 from studio.gui.pipeline_model import StepStatus
 
@@ -53,6 +52,8 @@ def _check_step(step: Step, index: int, model) -> tuple[StepStatus, ValidatedSte
     status = StepStatus()
     if model is not None:
         try:
+            from studio.core.runner import estimate  # with a model loaded, torch is too
+
             status.estimate = estimate([vs], model)[0]
             status.layers = sum(1 for _ in iter_layers(target_layers(model, step.targets)))
         except Exception as exc:  # an estimate must never break editing

@@ -10,15 +10,17 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QObject, QRunnable, Qt, QThreadPool, Signal, Slot
 
 from studio.core import events as ev
-from studio.core.evaluation.perplexity import PerplexityConfig
-from studio.core.loading import LoadedModel
-from studio.core.recipe import Recipe
-from studio.core.runner import RunResult, run_recipe
+
+if TYPE_CHECKING:  # the runner (and torch) load with the first run, so the window opens fast
+    from studio.core.evaluation.perplexity import PerplexityConfig
+    from studio.core.loading import LoadedModel
+    from studio.core.recipe import Recipe
+    from studio.core.runner import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class _RunTask(QRunnable):
         self.relay.item.emit((self.run_id, time.monotonic(), payload))
 
     def run(self) -> None:
+        from studio.core.runner import RunResult, run_recipe
+
         try:
             result = run_recipe(
                 self.recipe, self.loaded, events=self._send, cancel=self.token, eval_config=self.eval_config
@@ -80,6 +84,7 @@ class RunController(QObject):
     finished = Signal(object)
     failed = Signal(str)
     cancelled = Signal()
+    ended = Signal(object)  # the RunResult of every run that ends, whatever its status, before the three above
     running_changed = Signal(bool)
 
     def __init__(self, parent: QObject | None = None):
@@ -142,6 +147,8 @@ class RunController(QObject):
     @Slot(object)
     def _on_item(self, item: tuple[int, float, Any]) -> None:
         run_id, at, payload = item
+        from studio.core.runner import RunResult
+
         if run_id != self._run_id:
             return  # a late item of a run that has already ended
         try:
@@ -179,6 +186,7 @@ class RunController(QObject):
     def _end(self, result: RunResult) -> None:
         self._token = self._task = None
         self._set_running(False)
+        self.ended.emit(result)
         if result.status == "finished":
             self.finished.emit(result)
         elif result.status == "cancelled":

@@ -7,10 +7,14 @@
   (2:4 is what sparse tensor cores accelerate).
 """
 
-from typing import Annotated, Literal
+from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Annotated, Literal
+
 from pydantic import Field
+
+if TYPE_CHECKING:  # imported when used, so listing the methods does not load torch
+    import torch
 
 from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
@@ -35,6 +39,8 @@ class MagnitudeParams(MethodParams):
 
 def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """True for the n largest |w| in every group of m consecutive columns of each row."""
+    import torch
+
     out_f, in_f = w.shape
     groups = w.abs().reshape(out_f, in_f // m, m)
     keep = torch.zeros_like(groups, dtype=torch.bool)
@@ -44,6 +50,8 @@ def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def layer_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     """False for exactly round(sparsity * numel) weights of smallest |w|."""
+    import torch
+
     k = round(sparsity * w.numel())
     keep = torch.ones(w.numel(), dtype=torch.bool)
     if k:
@@ -52,6 +60,8 @@ def layer_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def global_threshold(weights: list[torch.Tensor], sparsity: float) -> float:
+    import torch
+
     magnitudes = torch.cat([w.abs().flatten().float() for w in weights])
     k = round(sparsity * magnitudes.numel())
     return magnitudes.kthvalue(k).values.item() if k else -1.0

@@ -2,10 +2,14 @@
 b-bit grid, one scale (and zero point) per output channel or per group of input columns. The baseline every
 calibration-based quantizer (GPTQ, AWQ) is measured against."""
 
-from typing import Annotated
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
-from torch import nn
+
+if TYPE_CHECKING:  # torch loads lazily: the window must open fast
+    from torch import nn
 
 from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
