@@ -8,8 +8,8 @@ from studio.core import events as ev
 
 
 class ProgressPrinter:
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr  # looked up now: tests swap sys.stderr
         self.bar: tqdm | None = None
         self.step_label = ""
 

@@ -11,15 +11,46 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from studio import __version__
 from studio.core.errors import ExportError
-from studio.core.evaluation.size import size_report
 from studio.core.recipe import Recipe
+
+if TYPE_CHECKING:  # the export dialog lists the formats without loading torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    id: str
+    name: str
+    description: str
+    available: bool  # False: planned, shown greyed as "coming"
+
+
+EXPORT_FORMATS: tuple[ExportFormat, ...] = (
+    ExportFormat("hf-safetensors", "Hugging Face folder (safetensors)",
+                 "Dense weights, config, tokenizer, recipe and report: loads with plain transformers.", True),
+    ExportFormat("compressed-tensors", "compressed-tensors",
+                 "Packed quantized / sparse weights for vLLM and transformers.", False),
+    ExportFormat("gguf", "GGUF", "A single file for llama.cpp and its tools.", False),
+)
+
+
+def export_summary(folder: str | os.PathLike) -> dict[str, Any]:
+    """What an export wrote: its path, bytes on disk, and each file with its size (largest first), plus the
+    export section of its report.json."""
+    folder = Path(folder)
+    files = sorted(((str(f.relative_to(folder)), f.stat().st_size) for f in folder.rglob("*") if f.is_file()),
+                   key=lambda item: (-item[1], item[0]))
+    try:
+        written = json.loads((folder / "report.json").read_text(encoding="utf-8")).get("export", {})
+    except (OSError, ValueError):
+        written = {}
+    return {"path": str(folder), "disk_bytes": sum(size for _, size in files), "files": files, "export": written}
 
 
 def check_destination(out: str | os.PathLike, force: bool) -> Path:
@@ -34,6 +65,12 @@ def check_destination(out: str | os.PathLike, force: bool) -> Path:
                 "--force to replace it (the old folder is removed only after the new one is complete)."
             )
     parent = out.parent
+    while not parent.exists() and parent != parent.parent:  # the folders export would create
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ExportError(
+            f"Cannot write the export to '{out}': '{parent}' is a file, not a folder. Choose another folder."
+        )
     if parent.exists() and not os.access(parent, os.W_OK):
         raise ExportError(f"Cannot write into '{parent}': permission denied. Choose another folder.")
     return out
@@ -48,9 +85,14 @@ def export_hf_folder(
     report: dict[str, Any] | None = None,
     force: bool = False,
 ) -> Path:
+    from studio.core.evaluation.size import size_report
+
     out = check_destination(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"Could not create the export folder next to '{out}': {exc}") from exc
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

@@ -117,6 +117,12 @@ def _nested(report: dict[str, Any], section: str, key: str) -> Any:
     return part.get(key) if isinstance(part, dict) else None
 
 
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """A damaged file ("file is not a database", "database disk image is malformed"), not a busy or full disk."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 def model_identity(source: dict[str, Any]) -> str:
     """What names the weights: their path, hub id, or failing those the model's name."""
     return str(source.get("path") or source.get("repo_id") or source.get("name") or "")
@@ -187,9 +193,9 @@ class RunHistory:
         try:
             with closing(self._connect()) as conn:
                 return work(conn)
-        except sqlite3.OperationalError as exc:  # locked, disk full, unreadable: not corruption
-            raise HistoryError(f"The run history '{self.path}' could not be used: {exc}") from None
-        except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+        except sqlite3.DatabaseError as exc:
+            if not _is_corruption(exc):  # locked, disk full, unreadable: the file itself may be fine
+                raise HistoryError(f"The run history '{self.path}' could not be used: {exc}") from None
             self._set_aside(exc)
         with closing(self._connect()) as conn:
             self._initialize(conn)

@@ -1,11 +1,12 @@
-"""The studio window: docks for the model, the pipeline, live charts, the comparison and the log; menus,
-toolbar and status bar; model loading, runs and exports in worker threads. Errors are shown in a dialog and
-the log, and the window stays usable."""
+"""The studio window: docks for the model, the pipeline, live charts, the comparison, the run history and the
+log; menus, toolbar and status bar; model loading, runs and exports in worker threads. Errors are shown in a
+dialog and the log, and the window stays usable."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ from PySide6.QtWidgets import (
 from studio import __version__
 from studio.gui.charts import LiveCharts
 from studio.gui.compare_view import CompareView
+from studio.gui.export_dialog import ExportDialog
+from studio.gui.history_view import HistoryView, open_history
 from studio.gui.log_panel import LogPanel
 from studio.gui.model_panel import ModelPanel
 from studio.gui.pipeline_editor import PipelineEditor
@@ -81,6 +84,9 @@ class MainWindow(QMainWindow):
         self.editor = PipelineEditor()
         self.charts = LiveCharts()
         self.compare = CompareView()
+        self.history_view = HistoryView(open_history())
+        self._run_context = None  # (recipe, model source, start time) of the run going, for the history
+        self._result_run_id: int | None = None  # the history id of self.result
         self.log_panel = LogPanel()
         self.log_panel.capture("studio")
         self.controller = RunController(self)
@@ -112,11 +118,14 @@ class MainWindow(QMainWindow):
         self.splitDockWidget(self.charts_dock, self.log_dock, Qt.Orientation.Horizontal)
         self.compare_dock = self._dock("Compare", "compareDock", self.compare, bottom)
         self.tabifyDockWidget(self.charts_dock, self.compare_dock)
+        self.history_dock = self._dock("History", "historyDock", self.history_view, bottom)
+        self.tabifyDockWidget(self.compare_dock, self.history_dock)
         self.charts_dock.raise_()
         self.resizeDocks([self.model_dock, self.pipeline_dock], [440, 1100], Qt.Orientation.Horizontal)
         self.resizeDocks([self.charts_dock, self.log_dock], [1100, 440], Qt.Orientation.Horizontal)
         self.resizeDocks([self.pipeline_dock, self.charts_dock], [500, 420], Qt.Orientation.Vertical)
-        self.docks = [self.model_dock, self.pipeline_dock, self.charts_dock, self.compare_dock, self.log_dock]
+        self.docks = [self.model_dock, self.pipeline_dock, self.charts_dock, self.compare_dock, self.history_dock,
+                      self.log_dock]
 
     def _action(self, text: str, slot, shortcut=None, tip: str = "", icon=None) -> QAction:
         action = QAction(text, self)
@@ -143,8 +152,8 @@ class MainWindow(QMainWindow):
         self.save_recipe_action = self._action("&Save recipe", self.editor.save, Key.Save,
                                                "Save the pipeline as a recipe YAML file")
         self.save_recipe_as_action = self._action("Save recipe &as…", self.editor.save_recipe_dialog, Key.SaveAs)
-        self.export_action = self._action("&Export HF folder…", self.export_hf_folder, "Ctrl+E",
-                                          "Write the compressed model as a Hugging Face folder (safetensors)")
+        self.export_action = self._action("&Export…", self.open_export_dialog, "Ctrl+E",
+                                          "Write the compressed model in a format other tools load")
         self.quit_action = self._action("&Quit", self.close, Key.Quit)
         self.run_action = self._action("&Run", self.run, ["Ctrl+R", "F5"], icon=Icon.SP_MediaPlay)
         self.cancel_action = self._action("&Cancel", self.cancel, "Ctrl+.", "Stop the run at its next block",
@@ -226,7 +235,11 @@ class MainWindow(QMainWindow):
         c.finished.connect(self._run_finished)
         c.failed.connect(self._run_failed)
         c.cancelled.connect(self._run_cancelled)
+        c.ended.connect(self._run_ended)
+        self.history_view.open_recipe.connect(self._open_history_recipe)
+        self.history_view.compare.connect(self._show_comparison)
         c.running_changed.connect(self._running_changed)
+        self.compare.error.connect(self._show_error)
 
     def _validity_changed(self, _valid: bool, _reason: str) -> None:
         self._update_actions()
@@ -413,6 +426,7 @@ class MainWindow(QMainWindow):
             + (f", evaluating on {Path(text).name}" if config else ", no evaluation text")
         )
         try:
+            self._run_context = (recipe, dict(self.loaded.source), time.time())
             self.controller.start(recipe, self.loaded, config)
         except Exception as exc:  # e.g. a run already going
             self._show_error("Could not start the run", str(exc))
@@ -457,10 +471,12 @@ class MainWindow(QMainWindow):
     def _run_finished(self, result) -> None:
         self.result = result
         self.compare.show_report(result.report)
+        if result.model is not None and self.loaded is not None:  # histograms, generations, speed, accuracy
+            self.compare.set_models(self.loaded.model, result.model, self.loaded.tokenizer)
         self.compare_dock.raise_()
         seconds = result.report.get("seconds")
         message = "Run finished" + (f" in {seconds:.1f} s" if isinstance(seconds, (int, float)) else "")
-        self.statusBar().showMessage(message + ". Export it with File ▸ Export HF folder.")
+        self.statusBar().showMessage(message + ". Export it with File ▸ Export.")
         self.log_panel.note(message)
         self._update_actions()
 
@@ -468,11 +484,48 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage("The run failed")
         self._show_error("The run failed", message)
 
+    def _run_ended(self, result) -> None:
+        recipe, source, started_at = self._run_context or (None, None, None)
+        self._run_context = None
+        self._result_run_id = self.history_view.record_run(result, recipe, source, started_at)
+
+    def _open_history_recipe(self, recipe) -> None:
+        self.editor.set_recipe(recipe, "Open recipe from history")
+        self.editor.current_path = None  # Save asks for a file rather than overwriting the one open before
+        self.pipeline_dock.raise_()
+        self.statusBar().showMessage(f"Opened the recipe {recipe.name or '(untitled)'} from the history")
+
+    def _show_comparison(self, report: dict) -> None:
+        self.compare.show_report(report)
+        self.compare_dock.show()
+        self.compare_dock.raise_()
+
     def _run_cancelled(self) -> None:
         self.statusBar().showMessage("Run cancelled; the loaded model is untouched")
         self.log_panel.warning("Run cancelled; the loaded model is untouched")
 
     # --- export -----------------------------------------------------------------------------------------
+    def open_export_dialog(self) -> ExportDialog | None:
+        """File ▸ Export: the dialog picks format and folder, writes in a worker and shows what it wrote."""
+        if self.result is None or self.result.model is None:
+            self.statusBar().showMessage("Nothing to export: run a pipeline first.")
+            return None
+        start = str(Path(self._last_dir()) / f"{self.loaded.name}-compressed")
+        dialog = ExportDialog(self.result.model, self.loaded.tokenizer if self.loaded else None,
+                              self.editor.recipe(), self.result.report, start, self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        run_id = self._result_run_id
+        dialog.exported.connect(lambda summary: self._dialog_exported(summary, run_id))
+        dialog.failed.connect(lambda message: self.log_panel.error(f"The export failed: {message}"))
+        dialog.open()
+        return dialog
+
+    def _dialog_exported(self, summary: dict, run_id: int | None) -> None:
+        folder = summary["path"]
+        self.history_view.record_export(run_id, folder)
+        self.statusBar().showMessage(f"Exported to {folder}")
+        self.log_panel.note(f"Exported to {folder}")
+
     def export_hf_folder(self, out: str | None = None) -> None:
         if self.result is None or self.result.model is None:
             self.statusBar().showMessage("Nothing to export: run a pipeline first.")
@@ -495,6 +548,7 @@ class MainWindow(QMainWindow):
             force = True
         task = ExportTask(self.result.model, self.loaded.tokenizer if self.loaded else None, str(path),
                           self.editor.recipe(), self.result.report, force)
+        task.history_run_id = self._result_run_id
         task.signals.done.connect(self._exported)
         task.signals.failed.connect(self._export_failed)
         self.export_action.setEnabled(False)
@@ -503,7 +557,8 @@ class MainWindow(QMainWindow):
         self._start(task)
 
     def _exported(self, folder) -> None:
-        self._finish_task()
+        task = self._finish_task()
+        self.history_view.record_export(getattr(task, "history_run_id", None), str(folder))
         self.statusBar().showMessage(f"Exported to {folder}")
         self.log_panel.note(f"Exported to {folder}")
         self._update_actions()

@@ -42,7 +42,9 @@ class _RunTask(QRunnable):
 
     def run(self) -> None:
         from studio.core.runner import RunResult, run_recipe
+        from studio.gui.tasks import lower_worker_priority
 
+        lower_worker_priority()
         try:
             result = run_recipe(
                 self.recipe, self.loaded, events=self._send, cancel=self.token, eval_config=self.eval_config

@@ -41,3 +41,21 @@ def apply_theme(name: str) -> None:
         app.setPalette(app.style().standardPalette())
     else:
         app.setPalette(QPalette())  # nothing set: the platform's (light or dark) palette
+
+
+def follow_palette(plot) -> None:
+    """Give a pyqtgraph PlotWidget the palette's colours (base background, text-coloured axes and title) instead
+    of pyqtgraph's fixed black; call again when the palette changes."""
+    palette = plot.palette()
+    text = palette.color(QPalette.ColorRole.WindowText)
+    plot.setBackground(palette.color(QPalette.ColorRole.Base))
+    item = plot.getPlotItem()
+    for name in ("left", "bottom", "right", "top"):
+        axis = item.getAxis(name)
+        axis.setPen(text)
+        axis.setTextPen(text)
+    if item.titleLabel is not None:
+        item.titleLabel.opts["color"] = text
+        item.titleLabel.setText(item.titleLabel.text)
+    if item.legend is not None:
+        item.legend.setLabelTextColor(text)

@@ -1,0 +1,133 @@
+"""Screenshots of the real main window: a tiny random Llama, a two-step pipeline (2:4 magnitude pruning, then
+RTN W4 g32) with a quick evaluation, run; then PNGs of the window with its charts and of the compare view,
+at 1280×800 and 1920×1080, in the light theme (and the dark one at 1280×800).
+
+    xvfb-run -s "-screen 0 1920x1080x24" env QT_QPA_PLATFORM=xcb python bench/screenshots.py [--out DIR]
+
+Default DIR: /tmp/studio-screenshots. Evaluation text: ../shared/data/text/wikitext-2-raw-test.txt (or
+$STUDIO_SHARED_DIR), else a few generated sentences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("STUDIO_SHARED_DIR") or REPO.parent / "shared")
+SIZES = ((1280, 800), (1920, 1080))
+TEXT = ("The quick brown fox jumps over the lazy dog. Compression makes models smaller and faster.\n"
+        "A language model predicts the next token from the ones before it.\n") * 40
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    """A random Llama (4 blocks, width 128) with a byte-level BPE tokenizer, saved as a Hugging Face folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/studio-screenshots"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="studio-shots-"))
+    os.environ.setdefault("STUDIO_DATA_DIR", str(work / "data"))  # keep the user's run history clean
+
+    from PySide6.QtWidgets import QApplication, QMessageBox
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setStyle("Fusion")
+    from studio.gui.main_window import MainWindow
+
+    errors = []
+    QMessageBox.critical = staticmethod(lambda parent, title, text, *a: errors.append((title, text)))
+    text = SHARED / "data" / "text" / "wikitext-2-raw-test.txt"
+    if not text.is_file():
+        text = work / "text.txt"
+        text.write_text(TEXT, encoding="utf-8")
+    window = MainWindow(work / "studio.ini")
+    window.set_theme("light")
+    window.resize(*SIZES[0])
+    window.show()
+
+    def wait(condition, timeout_s: float = 300) -> None:
+        end = time.monotonic() + timeout_s
+        while not condition():
+            if errors:
+                raise SystemExit(f"error shown: {errors}")
+            if time.monotonic() > end:
+                raise SystemExit("timed out")
+            app.processEvents()
+            time.sleep(0.01)
+
+    def settle(seconds: float = 0.4) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            app.processEvents()
+            time.sleep(0.01)
+
+    window.load(str(tiny_model_folder(work / "tiny-llama")))
+    wait(lambda: window.loaded is not None and window._load_task is None)
+    window.editor.add_method("magnitude")
+    window.editor.set_param(0, "pattern", "2:4")
+    window.editor.add_method("rtn")
+    window.editor.set_param(1, "bits", 4)
+    window.editor.set_param(1, "group_size", 32)
+    window.editor.set_eval_text(str(text))
+    wait(lambda: window.run_action.isEnabled(), 30)
+    finished = []
+    window.controller.finished.connect(finished.append)
+    window.run_action.trigger()
+    wait(lambda: finished)
+    wait(lambda: not window.compare.is_busy())
+    window.compare.generation.generate_button.click()
+    wait(lambda: not window.compare.is_busy())
+    window.compare.measure_speed()
+    wait(lambda: not window.compare.is_busy())
+
+    saved = []
+    for theme, sizes in (("light", SIZES), ("dark", SIZES[:1])):
+        window.set_theme(theme)
+        for width, height in sizes:
+            window.resize(width, height)
+            window.charts_dock.raise_()
+            settle()
+            for view, raise_dock in (("run", window.charts_dock.raise_), ("compare", window.compare_dock.raise_)):
+                raise_dock()
+                for tab in ((0,) if view == "run" else (0, 1, 2, 3)):
+                    window.compare.tabs.setCurrentIndex(tab)
+                    settle()
+                    suffix = "" if view == "run" else f"-{window.compare.tabs.tabText(tab).lower()}"
+                    path = args.out / f"{view}{suffix}-{width}x{height}-{theme}.png"
+                    window.grab().save(str(path))
+                    saved.append(path)
+    window.set_theme("system")
+    window.close()
+    for path in saved:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
