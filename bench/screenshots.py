@@ -96,7 +96,13 @@ def main() -> int:
     window.editor.set_param(1, "group_size", 32)
     window.editor.set_eval_text(str(text))
     wait(lambda: window.run_action.isEnabled(), 30)
-    finished = []
+    finished, during = [], args.out / f"run-during-{SIZES[0][0]}x{SIZES[0][1]}-light.png"
+
+    def grab_during_the_run(index, done, total, message) -> None:
+        if index == 1 and done == 1 and not during.exists():  # the second step, its first block done
+            window.grab().save(str(during))
+
+    window.controller.progress.connect(grab_during_the_run)
     window.controller.finished.connect(finished.append)
     window.run_action.trigger()
     wait(lambda: finished)
@@ -106,7 +112,7 @@ def main() -> int:
     window.compare.measure_speed()
     wait(lambda: not window.compare.is_busy())
 
-    saved = []
+    saved = [during]
     for theme, sizes in (("light", SIZES), ("dark", SIZES[:1])):
         window.set_theme(theme)
         for width, height in sizes:
