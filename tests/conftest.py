@@ -119,3 +119,32 @@ def smollm():
 @pytest.fixture(scope="session")
 def wikitext() -> Path:
     return shared_file(WIKITEXT)
+
+
+# --- the window, for the GUI tests ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings_file(tmp_path):
+    return tmp_path / "settings" / "studio.ini"
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Error dialogs are recorded instead of blocking the test."""
+    from PySide6.QtWidgets import QMessageBox
+
+    shown = []
+    monkeypatch.setattr(QMessageBox, "critical", lambda parent, title, text, *a: shown.append((title, text)))
+    return shown
+
+
+@pytest.fixture
+def window(qtbot, settings_file, errors):
+    """The main window with its own settings file, shown offscreen."""
+    from studio.gui.main_window import MainWindow
+
+    win = MainWindow(settings_file)
+    qtbot.addWidget(win)
+    win.show()
+    return win

@@ -12,29 +12,6 @@ from studio.core.structure import TargetSpec  # noqa: E402
 
 
 @pytest.fixture
-def settings_file(tmp_path):
-    return tmp_path / "settings" / "studio.ini"
-
-
-@pytest.fixture
-def errors(monkeypatch):
-    """Error dialogs are recorded instead of blocking the test."""
-    shown = []
-    monkeypatch.setattr(QMessageBox, "critical", lambda parent, title, text, *a: shown.append((title, text)))
-    return shown
-
-
-@pytest.fixture
-def window(qtbot, settings_file, errors):
-    from studio.gui.main_window import MainWindow
-
-    win = MainWindow(settings_file)
-    qtbot.addWidget(win)
-    win.show()
-    return win
-
-
-@pytest.fixture
 def editor(qtbot, errors):
     from studio.gui.pipeline_editor import PipelineEditor
 

@@ -16,24 +16,6 @@ from conftest import tiny_model  # noqa: E402
 
 
 @pytest.fixture
-def errors(monkeypatch):
-    """Error dialogs are recorded instead of blocking the test."""
-    shown = []
-    monkeypatch.setattr(QMessageBox, "critical", lambda parent, title, text, *a: shown.append((title, text)))
-    return shown
-
-
-@pytest.fixture
-def window(qtbot, tmp_path, errors):
-    from studio.gui.main_window import MainWindow
-
-    win = MainWindow(tmp_path / "settings" / "studio.ini")
-    qtbot.addWidget(win)
-    win.show()
-    return win
-
-
-@pytest.fixture
 def task_file(tmp_path):
     path = tmp_path / "tiny_task.jsonl"
     items = [{"query": "The quick brown fox jumps over the", "choices": ["lazy dog.", "model."], "gold": 0},

@@ -2,6 +2,8 @@
 edit, undo and redo, save and reopen the recipe, run with live charts, cancel a second run, compare, export,
 and find both runs in the history."""
 
+import time
+
 import pytest
 
 pytest.importorskip("pytestqt")
@@ -39,7 +41,7 @@ def history_rows(view):
     return [table.item(r, status).text() for r in range(table.rowCount())]
 
 
-def test_a_user_compresses_a_model_from_start_to_end(qtbot, window, tiny_folder, text_file, tmp_path):
+def test_a_user_compresses_a_model_from_start_to_end(qtbot, window, tiny_folder, text_file, tmp_path, monkeypatch):
     # open a model: a worker loads it, the panel shows its blocks
     window.load(str(tiny_folder))
     qtbot.waitUntil(lambda: window.loaded is not None, timeout=60_000)
@@ -94,6 +96,16 @@ def test_a_user_compresses_a_model_from_start_to_end(qtbot, window, tiny_folder,
     # result, so export comes first)
     def cancel_at_first_block(index, done, total, message):
         window.cancel_action.trigger()
+
+    from studio.methods import rtn
+
+    quantize = rtn.quantize_rtn
+
+    def slow_quantize(*args, **kwargs):  # a tiny model runs faster than the GUI thread sees its first block
+        time.sleep(0.03)
+        return quantize(*args, **kwargs)
+
+    monkeypatch.setattr(rtn, "quantize_rtn", slow_quantize)
 
     window.controller.progress.connect(cancel_at_first_block)
     with qtbot.waitSignal(window.controller.cancelled, timeout=120_000):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import psutil
 import pyqtgraph as pg
-from PySide6.QtCore import QEvent, Qt, QTimer, Slot
+from PySide6.QtCore import Qt, QTimer, Slot
 from PySide6.QtWidgets import QGridLayout, QWidget
 
 from studio.core.events import Metric
@@ -129,16 +129,12 @@ class LiveCharts(QWidget):
         grid.addWidget(self.size_plot, 0, 1)
         grid.addWidget(self.layer_plot, 1, 0)
         grid.addWidget(self.accuracy_plot, 1, 1)
-        self._follow_palette()
+        self.follow_palette()
 
-    def _follow_palette(self) -> None:
+    def follow_palette(self) -> None:
+        """Chart colours from the current palette; the window calls this when the theme changes."""
         for plot in (self.memory_plot, self.size_plot, self.layer_plot, self.accuracy_plot):
             follow_palette(plot)
-
-    def changeEvent(self, event) -> None:
-        if event.type() == QEvent.Type.PaletteChange:  # the theme changed: light or dark charts with it
-            self._follow_palette()
-        super().changeEvent(event)
 
     @staticmethod
     def _add_right_axis_curve(widget: pg.PlotWidget, label: str, color: str, name: str):

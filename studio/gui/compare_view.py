@@ -13,7 +13,7 @@ import re
 from typing import Any, Callable
 
 import pyqtgraph as pg
-from PySide6.QtCore import QEvent, Qt, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -206,16 +206,12 @@ class CompareView(QWidget):
         self.speed_button.clicked.connect(self.measure_speed)
         self.tasks_button.clicked.connect(self.choose_tasks)
         self._update_buttons()
-        self._follow_palette()
+        self.follow_palette()
 
-    def _follow_palette(self) -> None:
+    def follow_palette(self) -> None:
+        """Chart colours from the current palette; the window calls this when the theme changes."""
         for plot in (self.error_plot, self.weights.plot):
             follow_palette(plot)
-
-    def changeEvent(self, event) -> None:
-        if event.type() == QEvent.Type.PaletteChange:
-            self._follow_palette()
-        super().changeEvent(event)
 
     def clear(self) -> None:
         self.title.setText("Run a recipe to compare the model before and after.")

@@ -278,6 +278,9 @@ class MainWindow(QMainWindow):
         for action in self.theme_group.actions():
             action.setChecked(action.data() == name)
         apply_theme(name)
+        # told explicitly: palette-change events also reach half-destroyed widgets of closed windows
+        self.charts.follow_palette()
+        self.compare.follow_palette()
         self.settings.setValue("view/theme", name)
 
     def _theme_chosen(self, action: QAction) -> None:
