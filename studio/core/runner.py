@@ -135,7 +135,8 @@ def run_recipe(
             events(StepFinished(index, step_report))
         if report["steps"] and "evaluation" in report["steps"][-1]:
             report["final"] = report["steps"][-1]["evaluation"]
-        report["size_after"] = size_report(model)
+        # the last step already measured the model as it is now
+        report["size_after"] = report["steps"][-1]["size"] if report["steps"] else report["size_before"]
         report["seconds"] = time.perf_counter() - started
         events(RunFinished(report))
         return RunResult("finished", model, report)

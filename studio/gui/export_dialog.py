@@ -42,6 +42,15 @@ def _export_and_summarize(model, tokenizer, out: str, recipe, report, force: boo
     return export_summary(export_hf_folder(model, tokenizer, out, recipe=recipe, report=report, force=force))
 
 
+
+def confirm_replace(parent, path: Path) -> bool:
+    """Ask before an export replaces a non-empty folder."""
+    answer = QMessageBox.question(
+        parent, "Replace the folder?",
+        f"'{path}' already exists and is not empty. Replace it? The old folder is removed only after the "
+        "new one is complete.")
+    return answer == QMessageBox.StandardButton.Yes
+
 class ExportDialog(QDialog):
     """Exports `model` (with its tokenizer, recipe and report) to a folder the user picks.
 
@@ -151,11 +160,7 @@ class ExportDialog(QDialog):
             if not (path.is_dir() and any(path.iterdir())):
                 self._error("Cannot export there", str(exc))
                 return
-            answer = QMessageBox.question(
-                self, "Replace the folder?",
-                f"'{path}' already exists and is not empty. Replace it? The old folder is removed only after the "
-                "new one is complete.")
-            if answer != QMessageBox.StandardButton.Yes:
+            if not confirm_replace(self, path):
                 return
             force = True
             try:

@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
 from studio import __version__
 from studio.gui.charts import LiveCharts
 from studio.gui.compare_view import CompareView
-from studio.gui.export_dialog import ExportDialog
+from studio.gui.export_dialog import ExportDialog, confirm_replace
 from studio.gui.history_view import HistoryView, open_history
 from studio.gui.log_panel import LogPanel
 from studio.gui.model_panel import ModelPanel
@@ -542,11 +542,7 @@ class MainWindow(QMainWindow):
         path = Path(out)
         force = False
         if path.is_dir() and any(path.iterdir()):
-            answer = QMessageBox.question(
-                self, "Replace the folder?",
-                f"'{path}' already exists and is not empty. Replace it? (The old folder is removed only after "
-                "the new one is complete.)")
-            if answer != QMessageBox.StandardButton.Yes:
+            if not confirm_replace(self, path):
                 return
             force = True
         task = ExportTask(self.result.model, self.loaded.tokenizer if self.loaded else None, str(path),
