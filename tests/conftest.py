@@ -48,6 +48,13 @@ def tiny_config(kind: str):
                          max_position_embeddings=256, word_embed_proj_dim=64, **common)
     if kind == "gpt2":
         return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=256, **common)
+    if kind == "gemma3":  # sliding-window and full-attention layers get different masks and rotary tables
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                sliding_window=8, layer_types=["sliding_attention", "sliding_attention",
+                                                               "full_attention"], **common)
     raise ValueError(kind)
 
 
@@ -60,6 +67,11 @@ def tiny_model(kind: str = "llama", seed: int = 0):
 
 
 ARCHS = ["llama", "qwen2", "opt", "gpt2"]
+
+
+def calibration_tokens(samples: int = 6, length: int = 24, seed: int = 0) -> torch.Tensor:
+    """Random token ids standing in for calibration text on the tiny models."""
+    return torch.randint(3, VOCAB, (samples, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ import yaml
 
 from studio.core.errors import RecipeError
 from studio.core.paths import PRESETS_DIR
-from studio.core.recipe import load_recipe, parse_recipe, save_recipe, validate_recipe
+from studio.core.recipe import SCHEMA_VERSION, load_recipe, parse_recipe, save_recipe, validate_recipe
 from studio.core.registry import Family, all_methods, param_specs
 
 
@@ -34,7 +34,7 @@ def test_yaml_round_trip(tmp_path):
     save_recipe(recipe, path)
     again = load_recipe(path)
     assert again == recipe
-    assert yaml.safe_load(path.read_text())["schema_version"] == 1
+    assert yaml.safe_load(path.read_text())["schema_version"] == SCHEMA_VERSION
     assert [s.step.method for s in validate_recipe(again)] == ["magnitude"]  # disabled steps are skipped
 
 

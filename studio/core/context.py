@@ -10,6 +10,8 @@ if TYPE_CHECKING:  # torch loads lazily: the window must open fast
     import torch
     from torch import nn
 
+from studio.core.calibration import CalibrationData, layerwise
+from studio.core.errors import RecipeError
 from studio.core.events import CancelToken, EventCallback, Metric, Progress, Warning
 from studio.core.registry import LayerReport
 from studio.core.state import compression_state, update_record
@@ -24,6 +26,14 @@ class StepContext:
     emit: EventCallback
     cancel: CancelToken
     reports: list[LayerReport] = field(default_factory=list)
+    calibration: CalibrationData | None = None  # set by the runner for methods that need calibration
+
+    def layerwise(self, all_blocks: bool = False):
+        """The layer-wise calibration engine over this step's targets (see studio.core.calibration)."""
+        if self.calibration is None:
+            raise RecipeError(f"step {self.index + 1} needs calibration text; add a 'calibration' section to the recipe.")
+        return layerwise(self.model, self.calibration, self.layers, cancel=self.cancel, emit=self.emit,
+                         step_index=self.index, all_blocks=all_blocks)
 
     def blocks(self):
         """(block index, layers) in order; checks for cancellation before each block and reports progress

@@ -1,16 +1,18 @@
 """Recipes: an ordered list of steps (method id, parameters, targeted modules), saved as YAML.
 
 ```yaml
-schema_version: 1
-name: RTN W4 g64
+schema_version: 2
+name: GPTQ W4 g64
+calibration: {text_file: c4-sample.txt, samples: 32, seq_len: 512}   # only for methods that need it
 steps:
-  - method: rtn
+  - method: gptq
     params: {bits: 4, group_size: 64, symmetric: true}
     targets: {include: ["*"], exclude: ["*.mlp.down_proj"]}   # optional; default: every linear
                                                               # layer of the decoder blocks
 ```
 Loading never evaluates anything (`yaml.safe_load`). An unknown key, a wrong type or an out-of-range value is
-an error that names the step number, the method and the field. Older schema versions are migrated.
+an error that names the step number, the method and the field. Older schema versions are migrated. The optional `calibration`
+section says where methods that look at activations (GPTQ, AWQ, Wanda…) take their text from.
 """
 
 from __future__ import annotations
@@ -28,17 +30,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch loads lazily: the window must open fast
     from torch import nn
 
+from studio.core.calibration import CalibrationSettings
 from studio.core.errors import RecipeError
 from studio.core.registry import Method, MethodParams, get_method
 from studio.core.structure import TargetSpec, target_layers
 
-SCHEMA_VERSION = 1
-RECIPE_KEYS = {"schema_version", "name", "description", "steps"}
+SCHEMA_VERSION = 2
+RECIPE_KEYS = {"schema_version", "name", "description", "calibration", "steps"}
 STEP_KEYS = {"method", "params", "targets", "enabled"}
 TARGET_KEYS = {"include", "exclude"}
 
 # version -> function turning a recipe dict of that version into the next version
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {
+    1: lambda data: {**data, "schema_version": 2},  # 2 added the optional 'calibration' section
+}
 
 
 @dataclass
@@ -62,6 +67,7 @@ class Recipe:
     steps: list[Step] = field(default_factory=list)
     name: str = ""
     description: str = ""
+    calibration: CalibrationSettings | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
@@ -69,6 +75,8 @@ class Recipe:
             data["name"] = self.name
         if self.description:
             data["description"] = self.description
+        if self.calibration is not None:
+            data["calibration"] = self.calibration.model_dump(exclude_defaults=True)
         data["steps"] = [s.to_dict() for s in self.steps]
         return data
 
@@ -120,7 +128,20 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
         steps=[_parse_step(raw, i, where) for i, raw in enumerate(steps)],
         name=str(data.get("name", "")),
         description=str(data.get("description", "")),
+        calibration=_parse_calibration(data.get("calibration"), where),
     )
+
+
+def _parse_calibration(raw: Any, where: str) -> CalibrationSettings | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: 'calibration' must be a mapping such as {{text_file: c4.txt, samples: 32}}.")
+    try:
+        return CalibrationSettings(**raw)
+    except pydantic.ValidationError as exc:
+        problems = [_describe(err).replace("field '", "field 'calibration.", 1) for err in exc.errors()]
+        raise _fail(where, problems) from None
 
 
 def _parse_step(raw: Any, index: int, where: str) -> Step:
@@ -179,6 +200,17 @@ def _describe(err: dict) -> str:
 def validate_recipe(recipe: Recipe, where: str = "recipe") -> list[ValidatedStep]:
     """Every enabled step checked against its method's schema."""
     return [validate_step(s, i, where) for i, s in enumerate(recipe.steps) if s.enabled]
+
+
+def check_calibration(steps: list[ValidatedStep], calibration: CalibrationSettings | None, where: str = "recipe") -> None:
+    """A step that needs calibration text needs a recipe that says where the text comes from."""
+    needing = [vs.label for vs in steps if vs.method.needs_calibration]
+    if needing and (calibration is None or not calibration.has_source):
+        raise RecipeError(
+            f"{where}: {', '.join(needing)} needs calibration text. Add a section such as "
+            "'calibration: {text_file: my-text.txt, samples: 32, seq_len: 512}' to the recipe, or give "
+            "--calib-text FILE on the command line (the GUI: the Calibration text field of the Pipeline)."
+        )
 
 
 def check_against_model(steps: list[ValidatedStep], model: nn.Module, where: str = "recipe") -> None:

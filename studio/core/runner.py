@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from studio.core.calibration import CalibrationData, load_calibration_tokens
 from studio.core.clone import clone_sharing_weights
 from studio.core.context import StepContext
 from studio.core.errors import Cancelled, StudioError
@@ -31,7 +32,7 @@ from studio.core.events import (
 )
 from studio.core.loading import LoadedModel
 from studio.core.memory import PeakRSS, rss_bytes
-from studio.core.recipe import Recipe, ValidatedStep, check_against_model, validate_recipe
+from studio.core.recipe import Recipe, ValidatedStep, check_against_model, check_calibration, validate_recipe
 from studio.core.registry import Estimate
 from studio.core.structure import target_layers
 
@@ -50,6 +51,7 @@ class RunResult:
 def prepare(recipe: Recipe, model: nn.Module, where: str = "recipe") -> list[ValidatedStep]:
     """Schema and model checks; raises RecipeError naming the step, method and field."""
     steps = validate_recipe(recipe, where)
+    check_calibration(steps, recipe.calibration, where)
     check_against_model(steps, model, where)
     return steps
 
@@ -94,6 +96,11 @@ def run_recipe(
     try:
         steps = prepare(recipe, original, where)
         events(RunStarted(len(steps)))
+        calibration = None
+        if any(vs.method.needs_calibration for vs in steps):  # read before anything slow, so a bad file fails fast
+            calibration_tokens = load_calibration_tokens(loaded.tokenizer, recipe.calibration)
+            calibration = CalibrationData(calibration_tokens, recipe.calibration.batch_size, recipe.calibration)
+            report["calibration"] = {**recipe.calibration.model_dump(), "tokens": int(calibration_tokens.numel())}
         tokens = None
         report["size_before"] = size_report(original)
         events(Metric("compressed_bytes", report["size_before"]["compressed_bytes"], None))
@@ -108,7 +115,7 @@ def run_recipe(
             index = vs.index
             events(StepStarted(index, vs.step.method, len(steps), n))
             layers = target_layers(model, vs.step.targets)
-            ctx = StepContext(model, layers, index, events, cancel)
+            ctx = StepContext(model, layers, index, events, cancel, calibration=calibration)
             begin = time.perf_counter()
             rss_before = rss_bytes()
             with PeakRSS() as peak:
