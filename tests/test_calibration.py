@@ -65,7 +65,10 @@ def test_samples_are_windows_of_the_text_chosen_by_the_seed(tokenizer, text_file
     assert not torch.equal(a, other)
     stream = tokenizer(text_file.read_text(), add_special_tokens=False)["input_ids"]
     joined = ",".join(map(str, stream))
-    assert all(",".join(map(str, row.tolist())) in joined for row in a)
+    assert (a[:, 0] == tokenizer.bos_token_id).all()  # like evaluation windows, each sample starts with BOS
+    assert all(",".join(map(str, row.tolist())) in joined for row in a[:, 1:])
+    plain = load_calibration_tokens(tokenizer, settings.model_copy(update={"bos": "never"}))
+    assert plain.shape == (4, 12) and all(",".join(map(str, row.tolist())) in joined for row in plain)
 
 
 def test_bad_calibration_text_is_named(tokenizer, tmp_path):

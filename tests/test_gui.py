@@ -290,3 +290,22 @@ def test_presets_load_and_name_edits_are_undoable(qtbot, editor):
     assert editor.recipe().name == "Mine"
     editor.undo_stack.undo()
     assert editor.recipe().name == "2:4 sparse + RTN W8"
+
+
+def test_a_calibrating_step_asks_for_calibration_text_which_the_recipe_then_carries(qtbot, editor, text_file, tmp_path):
+    from studio.core.calibration import CalibrationSettings
+
+    editor.add_method("gptq")
+    assert not editor.is_valid and "calibration text" in editor.invalid_reason
+    editor.set_calibration_text(str(tmp_path / "nowhere.txt"))
+    assert not editor.is_valid and "nowhere.txt" in editor.invalid_reason
+    editor.set_calibration_text(str(text_file))
+    editor.calib_samples.setValue(16)
+    assert editor.is_valid
+    assert editor.recipe().calibration == CalibrationSettings(text_file=str(text_file), samples=16)
+    path = tmp_path / "gptq.yaml"
+    assert editor.save_recipe(path) and load_recipe(path).calibration.samples == 16
+
+    editor.set_calibration_text("")
+    editor.set_recipe(load_recipe(path))  # a recipe's calibration section fills the fields
+    assert editor.calibration_text() == str(text_file) and editor.calib_samples.value() == 16

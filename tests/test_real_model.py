@@ -113,3 +113,54 @@ def test_cli_run_with_the_rtn_preset(wikitext, tmp_path, smollm, baseline):
     assert report["baseline"]["perplexity"] == pytest.approx(baseline, rel=1e-3)
     assert report["final"]["perplexity"] > report["baseline"]["perplexity"]
     assert report["export"]["size"]["compressed_bytes"] < 0.4 * report["size_before"]["memory_bytes"]
+
+
+# --- calibration methods ----------------------------------------------------------------------------------
+C4 = SMOLLM.parents[1] / "data" / "text" / "c4-en-sample.txt"
+
+
+def calibrated(smollm, method, samples=8, seq_len=256, **params):
+    recipe = parse_recipe({"schema_version": 2, "steps": [{"method": method, "params": params}],
+                           "calibration": {"text_file": str(C4), "samples": samples, "seq_len": seq_len}})
+    result = run_recipe(recipe, smollm)
+    assert result.status == "finished", result.error
+    return result
+
+
+def test_gptq_output_error_is_below_rtn_on_every_layer_of_a_real_block(smollm):
+    from studio.core.calibration import CalibrationData, CalibrationSettings, layerwise, load_calibration_tokens
+    from studio.methods.gptq import GPTQParams, gptq_quantize
+    from studio.methods.grid import quantize_rtn
+
+    settings = CalibrationSettings(text_file=str(C4), samples=4, seq_len=256)
+    data = CalibrationData(load_calibration_tokens(smollm.tokenizer, settings), 4)
+    block = next(layerwise(smollm.model, data, target_layers(smollm.model, TargetSpec(("*.layers.3.*",)))))
+    inputs = {}
+    block.forward(lambda name, x, _y: inputs.setdefault(name, []).append(x))
+    for name, module in block.layers.items():
+        x = torch.cat(inputs[name])
+        w = weight_matrix(module)
+        gptq = gptq_quantize(w, 2 * x.T @ x / len(x), GPTQParams(bits=3, group_size=64, symmetric=False)).weight
+        rtn = quantize_rtn(w, 3, 64, False).dequantize()
+        error = {k: float((x @ (w - v).T).norm() / (x @ w.T).norm()) for k, v in (("gptq", gptq), ("rtn", rtn))}
+        assert error["gptq"] < 0.8 * error["rtn"], (name, error)
+
+
+@pytest.mark.parametrize("method,params,removed", [
+    ("structured", {"mlp_ratio": 0.2}, None),
+    ("layer_drop", {"blocks": 4}, 4 * 3_540_096),
+])
+def test_shrunk_models_export_and_reload_in_plain_transformers_with_the_same_perplexity(
+        smollm, tokens, config, tmp_path, method, params, removed):
+    result = calibrated(smollm, method, **params)
+    before = sum(p.numel() for p in smollm.model.parameters())
+    after = sum(p.numel() for p in result.model.parameters())
+    ppl = perplexity(result.model, tokens, config, smollm.tokenizer).perplexity
+    export_hf_folder(result.model, smollm.tokenizer, tmp_path / "out", recipe=None, report=result.report)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert sum(p.numel() for p in reloaded.parameters()) == after
+    assert perplexity(reloaded, tokens, config, smollm.tokenizer).perplexity == pytest.approx(ppl, rel=1e-4)
+    if method == "layer_drop":
+        assert before - after == removed and reloaded.config.num_hidden_layers == 26
+    else:
+        assert reloaded.config.intermediate_size == 1229 and 0.11 < (before - after) / before < 0.13

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write the compressed model into")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     _eval_options(p, "--eval-text")
+    _calibration_options(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     _model_options(p)
 
@@ -259,15 +260,39 @@ def resolve_recipe_path(name: str) -> Path:
     raise RecipeError(f"'{name}' is neither a recipe file nor a preset; 'studio presets' lists the presets.")
 
 
+def _calibration_options(p) -> None:
+    p.add_argument("--calib-text", metavar="FILE", help="calibration text for methods that need it (overrides the recipe's)")
+    p.add_argument("--calib-samples", type=int, metavar="N", help="calibration samples (recipe's, or 32)")
+    p.add_argument("--calib-seq-len", type=int, metavar="L", help="tokens per calibration sample (recipe's, or 512)")
+    p.add_argument("--calib-seed", type=int, metavar="S", help="seed choosing the samples (recipe's, or 0)")
+
+
+def _with_calibration_overrides(recipe, args, where: str):
+    """The recipe with its calibration section changed by the --calib-* options, checked like the YAML."""
+    from studio.core.recipe import parse_calibration
+
+    changes = {"text_file": args.calib_text, "samples": args.calib_samples, "seq_len": args.calib_seq_len,
+               "seed": args.calib_seed}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        return recipe
+    if "text_file" in changes:
+        changes["dataset"] = None
+    current = recipe.calibration.model_dump() if recipe.calibration else {}
+    recipe.calibration = parse_calibration({**current, **changes}, f"{where} with the --calib-* options")
+    return recipe
+
+
 def cmd_run(args) -> int:
     from studio.cli.progress import ProgressPrinter
     from studio.core.export import check_destination, export_hf_folder
-    from studio.core.recipe import load_recipe, validate_recipe
+    from studio.core.recipe import check_calibration, load_recipe, validate_recipe
     from studio.core.runner import run_recipe
 
     recipe_path = resolve_recipe_path(args.recipe)
-    recipe = load_recipe(recipe_path)
-    validate_recipe(recipe, str(recipe_path))  # schema errors before the slow model load
+    recipe = _with_calibration_overrides(load_recipe(recipe_path), args, str(recipe_path))
+    check_calibration(validate_recipe(recipe, str(recipe_path)), recipe.calibration, str(recipe_path))
+    # schema errors before the slow model load
     out = check_destination(args.out, args.force)
     config = _eval_config(args)
     if config and not Path(config.text_file).is_file():
@@ -361,11 +386,46 @@ def _print_estimates(recipe, model, where: str) -> None:
         print(f"{vs.label}: estimated +{est.extra_bytes / 2**20:,.0f} MiB, about {est.seconds:,.1f} s", file=sys.stderr)
 
 
+def _is_table(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(row, dict) for row in value)
+
+
+def _format_table(rows: list[dict]) -> str:
+    """Rows of a step's summary table (e.g. mixed precision's sensitivity) as aligned text; a nested mapping
+    such as {"error": {"2": …, "3": …}} becomes one column per key ("error 2", "error 3")."""
+    flat = []
+    for row in rows:
+        cells = {}
+        for key, value in row.items():
+            if isinstance(value, dict):
+                cells.update({f"{key} {k}": v for k, v in value.items()})
+            else:
+                cells[key] = value
+        flat.append(cells)
+    columns = list(dict.fromkeys(c for cells in flat for c in cells))
+
+    def show(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+    text = [[show(cells.get(c, "")) for c in columns] for cells in flat]
+    widths = [max(len(c), *(len(r[i]) for r in text)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
+    lines += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in text]
+    return "\n".join(lines)
+
+
 def _print_run_summary(report: dict, out: Path) -> None:
     base, final = report.get("baseline"), report.get("final")
     for step in report["steps"]:
+        scalars = {k: v for k, v in step["summary"].items() if not _is_table(v)}
         print(f"step {step['index'] + 1} {step['method']}: {step['seconds']:.1f} s, peak RSS "
-              f"{step['peak_rss_bytes'] / 2**20:,.0f} MiB, {step['summary']}")
+              f"{step['peak_rss_bytes'] / 2**20:,.0f} MiB, {scalars}")
+        for key, rows in step["summary"].items():
+            if _is_table(rows):
+                print(f"{key}:")
+                print(_format_table(rows))
     if base and final:
         print(f"perplexity {base['perplexity']:.4f} -> {final['perplexity']:.4f}  "
               f"KL {final['kl']:.4f}  top-1 agreement {final['top1_agreement']:.3f}")

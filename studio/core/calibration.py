@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,6 +42,10 @@ class CalibrationSettings(BaseModel):
     seq_len: Annotated[int, Field(ge=8, le=16384, description="Tokens per sample.")] = 512
     seed: Annotated[int, Field(ge=0, description="Seed of the random choice of sample windows.")] = 0
     batch_size: Annotated[int, Field(ge=1, le=1024, description="Samples per forward pass through a block.")] = 8
+    bos: Annotated[
+        Literal["auto", "always", "never"],
+        Field(description="Start each sample with the BOS token (auto: when the tokenizer has one), as evaluation does."),
+    ] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -96,7 +100,11 @@ def _read_hub_dataset(spec: str, characters: int) -> str:
 
 
 def load_calibration_tokens(tokenizer: Any, settings: CalibrationSettings) -> torch.Tensor:
-    """`samples` windows of `seq_len` tokens at random offsets (fixed seed) in the tokenized text, as (N, L)."""
+    """`samples` windows of `seq_len` tokens at random offsets (fixed seed) in the tokenized text, as (N, L).
+
+    With BOS, each window is BOS + seq_len - 1 tokens of text. A model treats its first token as an attention
+    sink with very large activations; calibrating on windows that start mid-text while the model is used (and
+    evaluated) after BOS makes the quantizers fit sink activations the model never produces in use."""
     import torch
 
     if tokenizer is None:
@@ -118,10 +126,17 @@ def load_calibration_tokens(tokenizer: Any, settings: CalibrationSettings) -> to
             f"Calibration text '{source}' has {len(ids)} tokens, fewer than one sample of seq_len "
             f"{settings.seq_len}; give a longer text or a smaller 'seq_len'."
         )
+    bos = getattr(tokenizer, "bos_token_id", None) if settings.bos != "never" else None
+    if settings.bos == "always" and bos is None:
+        raise RecipeError("calibration bos 'always' was asked for but the tokenizer has no BOS token.")
+    length = settings.seq_len - (bos is not None)
     stream = torch.tensor(ids, dtype=torch.long)
     generator = torch.Generator().manual_seed(settings.seed)
-    starts = torch.randint(0, len(ids) - settings.seq_len, (settings.samples,), generator=generator)
-    return torch.stack([stream[s : s + settings.seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, len(ids) - length, (settings.samples,), generator=generator)
+    samples = torch.stack([stream[s : s + length] for s in starts.tolist()])
+    if bos is not None:
+        samples = torch.cat([torch.full((settings.samples, 1), bos, dtype=torch.long), samples], dim=1)
+    return samples
 
 
 @dataclass

@@ -23,6 +23,8 @@ def predict_compressed_bytes(steps: list[ValidatedStep], model: nn.Module) -> in
     """Bytes of the model's compressed form after `steps` (validated, enabled, in order)."""
     stored: dict[str, tuple[nn.Module, int]] = {}
     for vs in steps:
+        if not vs.method.changes_weights:
+            continue
         for name, module in iter_layers(target_layers(model, vs.step.targets)):
             stored[name] = (module, vs.method.stored_bytes(module, vs.params))
     change = sum(size - m.weight.numel() * m.weight.element_size() for m, size in stored.values())

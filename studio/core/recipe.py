@@ -128,11 +128,11 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
         steps=[_parse_step(raw, i, where) for i, raw in enumerate(steps)],
         name=str(data.get("name", "")),
         description=str(data.get("description", "")),
-        calibration=_parse_calibration(data.get("calibration"), where),
+        calibration=parse_calibration(data.get("calibration"), where),
     )
 
 
-def _parse_calibration(raw: Any, where: str) -> CalibrationSettings | None:
+def parse_calibration(raw: Any, where: str) -> CalibrationSettings | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
@@ -225,6 +225,7 @@ def check_against_model(steps: list[ValidatedStep], model: nn.Module, where: str
             )
             continue
         problems += [f"{where}, {vs.label}: {p}" for p in vs.method.check(layers, vs.params)]
+        problems += [f"{where}, {vs.label}: {p}" for p in vs.method.check_model(model, vs.params)]
     if problems:
         raise RecipeError("\n".join(problems))
 

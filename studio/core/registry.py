@@ -100,10 +100,15 @@ class Method(ABC):
     family: ClassVar[Family]
     summary: ClassVar[str]  # one line for the palette and `studio methods`
     needs_calibration: ClassVar[bool] = False
+    changes_weights: ClassVar[bool] = True  # False for methods that act at run time only (KV-cache quantization)
     Params: ClassVar[type[MethodParams]]
 
     def check(self, layers: dict[int, dict[str, nn.Module]], params: MethodParams) -> list[str]:
         """Problems that depend on the model (shapes), each a sentence naming the layer; empty if fine."""
+        return []
+
+    def check_model(self, model: nn.Module, params: MethodParams) -> list[str]:
+        """Problems only the whole model shows (its config, head counts, number of blocks); empty if fine."""
         return []
 
     @abstractmethod

@@ -25,7 +25,7 @@ class QuantizedWeight:
 
     codes: torch.Tensor  # (out, in) uint8 in [0, 2**bits - 1]
     scales: torch.Tensor  # (out, groups)
-    zeros: torch.Tensor  # (out, groups), integer-valued; 2**(bits-1) for symmetric
+    zeros: torch.Tensor  # (out, groups): integer-valued uint8 (2**(bits-1) when symmetric), or float16 (HQQ)
     bits: int
     group_size: int
     symmetric: bool
@@ -39,14 +39,17 @@ class QuantizedWeight:
 
     def packed_bytes(self) -> int:
         out_f, in_f = self.codes.shape
-        return packed_size(out_f, in_f, self.bits, self.group_size, self.symmetric)
+        return packed_size(out_f, in_f, self.bits, self.group_size, self.symmetric,
+                           float_zeros=self.zeros.is_floating_point())
 
 
-def packed_size(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool) -> int:
+def packed_size(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool,
+                float_zeros: bool = False) -> int:
     """Bytes of a quantized (out, in) weight: codes at `bits` each, plus a 16-bit scale per group and a zero
-    point per group when asymmetric (`group_size` 0: one group per row)."""
+    point per group when asymmetric, of `bits` bits or 16 when it is a float (`group_size` 0: one group per row)."""
     groups = out_features * (in_features // (group_size or in_features))
-    meta = groups * 2 + (0 if symmetric else math.ceil(groups * bits / 8))
+    zero_bits = 0 if symmetric else 16 if float_zeros else bits
+    meta = groups * 2 + math.ceil(groups * zero_bits / 8)
     return math.ceil(out_features * in_features * bits / 8) + meta
 
 

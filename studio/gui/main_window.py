@@ -225,6 +225,7 @@ class MainWindow(QMainWindow):
         e.undo_stack.cleanChanged.connect(self._update_title)
         e.recipe_file_used.connect(self._recipe_file_used)
         e.eval_text_changed.connect(self._eval_text_changed)
+        e.calibration_text_changed.connect(lambda text: self.settings.setValue("pipeline/calibText", text))
         c.started.connect(self._run_started)
         c.step_started.connect(self._step_started)
         c.progress.connect(self.progress.progress)
@@ -263,6 +264,7 @@ class MainWindow(QMainWindow):
         if splitter is not None:
             self.editor.splitter.restoreState(splitter)
         self.editor.set_eval_text(str(s.value("pipeline/evalText") or ""))
+        self.editor.set_calibration_text(str(s.value("pipeline/calibText") or ""))
         self.set_theme(str(s.value("view/theme") or "system"))
 
     def save_settings(self) -> None:
@@ -271,6 +273,7 @@ class MainWindow(QMainWindow):
         s.setValue("window/state", self.saveState(STATE_VERSION))
         s.setValue("pipeline/splitter", self.editor.splitter.saveState())
         s.setValue("pipeline/evalText", self.editor.eval_text())
+        s.setValue("pipeline/calibText", self.editor.calibration_text())
         s.sync()
 
     def set_theme(self, name: str) -> None:

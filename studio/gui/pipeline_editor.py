@@ -20,12 +20,14 @@ from PySide6.QtWidgets import (
     QMenu,
     QMessageBox,
     QPushButton,
+    QSpinBox,
     QSplitter,
     QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
+from studio.core.calibration import CalibrationSettings
 from studio.core.errors import RecipeError
 from studio.core.paths import PRESETS_DIR
 from studio.core.recipe import Recipe, Step, load_recipe
@@ -41,6 +43,13 @@ from studio.gui.step_inspector import StepInspector
 
 log = logging.getLogger("studio.gui.pipeline")
 RECIPE_FILTER = "Recipes (*.yaml *.yml);;All files (*)"
+
+
+def _needs_calibration(method_id: str) -> bool:
+    try:
+        return get_method(method_id).needs_calibration
+    except KeyError:  # an unknown method is reported by the step's own check
+        return False
 
 
 class PipelineView(QListView):
@@ -61,6 +70,7 @@ class PipelineEditor(QWidget):
     validity_changed = Signal(bool, str)
     recipe_file_used = Signal(str)  # a recipe file was opened or saved (for the recent list)
     eval_text_changed = Signal(str)
+    calibration_text_changed = Signal(str)
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -72,6 +82,7 @@ class PipelineEditor(QWidget):
         self._loaded = None
         self._check = PipelineCheck(reason="The pipeline is empty: add a step from the palette.")
         self._validity: tuple[bool, str] | None = None
+        self._calibration = CalibrationSettings()  # the recipe's section; the fields below edit part of it
         self._build()
         self._connect()
         self._revalidate()
@@ -142,6 +153,23 @@ class PipelineEditor(QWidget):
         eval_row.addWidget(QLabel("Evaluation text:"))
         eval_row.addWidget(self.eval_edit, 1)
         eval_row.addWidget(self.eval_browse)
+        self.calib_edit = QLineEdit(placeholderText="needed by GPTQ, AWQ, SparseGPT, Wanda… (a UTF-8 .txt file)")
+        self.calib_edit.setToolTip(
+            "Text whose activations calibration methods look at: random windows of it are run through the model. "
+            "Saved in the recipe's calibration section."
+        )
+        self.calib_browse = QPushButton("Browse…")
+        self.calib_samples = QSpinBox(minimum=1, maximum=4096, value=32, suffix=" samples")
+        self.calib_samples.setToolTip("How many windows of the calibration text are used.")
+        self.calib_seq_len = QSpinBox(minimum=8, maximum=16384, value=512, singleStep=64, suffix=" tokens")
+        self.calib_seq_len.setToolTip("Tokens per calibration window.")
+        calib_row = QHBoxLayout()
+        calib_row.addWidget(QLabel("Calibration text:"))
+        calib_row.addWidget(self.calib_edit, 1)
+        calib_row.addWidget(self.calib_browse)
+        calib_row.addWidget(self.calib_samples)
+        calib_row.addWidget(QLabel("×"))
+        calib_row.addWidget(self.calib_seq_len)
         self.footer = QLabel()
         self.footer.setWordWrap(True)
         self.footer.setTextFormat(Qt.TextFormat.RichText)
@@ -154,6 +182,7 @@ class PipelineEditor(QWidget):
         layout.addLayout(top)
         layout.addWidget(self.splitter, 1)
         layout.addLayout(eval_row)
+        layout.addLayout(calib_row)
         layout.addWidget(self.footer)
         layout.addWidget(self.reason_label)
 
@@ -174,6 +203,10 @@ class PipelineEditor(QWidget):
         self.name_edit.editingFinished.connect(self._name_finished)
         self.eval_browse.clicked.connect(self._browse_eval_text)
         self.eval_edit.editingFinished.connect(self._eval_text_finished)
+        self.calib_browse.clicked.connect(self._browse_calibration_text)
+        self.calib_edit.editingFinished.connect(self._calibration_finished)
+        self.calib_samples.valueChanged.connect(lambda _value: self._revalidate())
+        self.calib_seq_len.valueChanged.connect(lambda _value: self._revalidate())
         for key in (QKeySequence.StandardKey.Delete, QKeySequence(Qt.Key.Key_Backspace)):
             QShortcut(key, self.view, self.remove_selected, context=Qt.ShortcutContext.WidgetShortcut)
         QShortcut(QKeySequence(Qt.Key.Key_Space), self.view, self._toggle_selected,
@@ -181,10 +214,13 @@ class PipelineEditor(QWidget):
 
     # --- the recipe -------------------------------------------------------------------------------------
     def recipe(self) -> Recipe:
-        return Recipe(self.model.steps, self.recipe_name(), self.description)
+        return Recipe(self.model.steps, self.recipe_name(), self.description, self.calibration())
 
     def set_recipe(self, recipe: Recipe, text: str = "Set recipe") -> None:
-        """Replace the pipeline by `recipe` (one undoable edit)."""
+        """Replace the pipeline by `recipe` (one undoable edit). A recipe without a calibration section keeps
+        the calibration text already chosen."""
+        if recipe.calibration is not None:
+            self.set_calibration(recipe.calibration)
         self.undo_stack.push(cmd.ReplaceSteps(self, recipe.steps, recipe.name, recipe.description, text))
 
     def recipe_name(self) -> str:
@@ -294,8 +330,8 @@ class PipelineEditor(QWidget):
         model = self._loaded.model if self._loaded is not None else None
         self._check = check = check_pipeline(self.model.steps, model)
         self.model.set_statuses(check.statuses)
-        eval_problem = self._eval_text_problem()
-        valid, reason = check.valid and not eval_problem, check.reason or eval_problem
+        text_problem = self._eval_text_problem() or self._calibration_problem()
+        valid, reason = check.valid and not text_problem, check.reason or text_problem
         self.reason_label.setText(reason)
         self.reason_label.setVisible(bool(reason))
         self.footer.setText(self._footer_text(check))
@@ -359,6 +395,53 @@ class PipelineEditor(QWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Evaluation text", self.eval_text(), "Text (*.txt);;All files (*)")
         if path:
             self.set_eval_text(path)
+
+    # --- calibration text ---------------------------------------------------------------------------------
+    def calibration(self) -> CalibrationSettings | None:
+        text = self.calib_edit.text().strip()
+        if not text and not self._calibration.dataset:
+            return None
+        changes = {"samples": self.calib_samples.value(), "seq_len": self.calib_seq_len.value()}
+        if text:
+            changes |= {"text_file": text, "dataset": None}
+        return self._calibration.model_copy(update=changes)
+
+    def set_calibration(self, settings: CalibrationSettings) -> None:
+        self._calibration = settings
+        self.calib_edit.setText(settings.text_file or "")
+        self.calib_samples.setValue(settings.samples)
+        self.calib_seq_len.setValue(settings.seq_len)
+        self._calibration_finished()
+
+    def calibration_text(self) -> str:
+        return self.calib_edit.text().strip()
+
+    def set_calibration_text(self, path: str) -> None:
+        self.calib_edit.setText(path)
+        self._calibration_finished()
+
+    def _calibration_problem(self) -> str:
+        if not hasattr(self, "calib_edit"):
+            return ""
+        text = self.calibration_text()
+        if text and not Path(text).expanduser().is_file():
+            return f"Calibration text '{text}' does not exist: choose a file or clear the field."
+        if not text and not self._calibration.dataset:
+            needing = [s.method for s in self.model.steps if s.enabled and _needs_calibration(s.method)]
+            if needing:
+                return (f"{', '.join(dict.fromkeys(needing))} needs calibration text: choose a file in "
+                        "'Calibration text' below.")
+        return ""
+
+    def _calibration_finished(self) -> None:
+        self._revalidate()
+        self.calibration_text_changed.emit(self.calibration_text())
+
+    def _browse_calibration_text(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Calibration text", self.calibration_text(),
+                                              "Text (*.txt);;All files (*)")
+        if path:
+            self.set_calibration_text(path)
 
     # --- files ------------------------------------------------------------------------------------------
     def open_recipe(self, path: str | Path) -> bool:

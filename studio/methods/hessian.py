@@ -1,0 +1,102 @@
+"""The layer Hessian of the Optimal Brain Surgeon methods (GPTQ, SparseGPT), and its dampened inverse.
+
+For a linear layer with inputs X (tokens × in), the layer-wise objective ||WX - ŴX||² has Hessian
+H = 2 X Xᵀ / n (Frantar et al. 2022, eq. 1-2), accumulated here as a running mean over calibration batches.
+Both methods need the upper Cholesky factor of H⁻¹ after adding λ·mean(diag H) to the diagonal ("dampening").
+A Hessian that is not positive definite even so (dead inputs, too few samples) is retried with a larger λ,
+and the caller is told, instead of failing or silently producing garbage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class HessianAccumulator:
+    columns: int
+    hessian: "torch.Tensor | None" = None
+    samples: int = 0
+
+    def add(self, x: "torch.Tensor") -> None:
+        """Fold in a batch of layer inputs, shape (tokens, in_features)."""
+        import torch
+
+        if self.hessian is None:
+            self.hessian = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=x.device)
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        self.hessian *= self.samples / (self.samples + n)
+        self.samples += n
+        x = x * (2.0 / self.samples) ** 0.5
+        self.hessian.addmm_(x.t(), x)
+
+
+@dataclass
+class InverseHessian:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so H⁻¹ = UᵀU), and the dampening that made it possible."""
+
+    upper: "torch.Tensor"
+    damp: float
+    raised: bool = False  # λ had to be raised above the requested value
+    dead: list[int] = field(default_factory=list)  # input columns that were never active
+
+
+def dead_columns(hessian: "torch.Tensor") -> "torch.Tensor":
+    """Inputs that were zero for every calibration token: their weights cannot matter to the output."""
+    return hessian.diagonal() == 0
+
+
+def inverse_hessian_cholesky(hessian: "torch.Tensor", damp: float, attempts: int = 6) -> InverseHessian:
+    """Dampen, invert and factor H. Dead columns get a unit diagonal (GPTQ reference); λ grows ×10 per failed
+    attempt. Raises ValueError only if H stays indefinite even at λ = damp·10^(attempts-1)."""
+    import torch
+
+    h = hessian.clone()
+    dead = dead_columns(h)
+    h[dead, dead] = 1
+    mean_diag = torch.mean(torch.diag(h))
+    diag = torch.arange(h.shape[0], device=h.device)
+    lam = damp
+    for attempt in range(attempts):
+        damped = h.clone()
+        damped[diag, diag] += lam * mean_diag
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return InverseHessian(upper, lam, attempt > 0, torch.nonzero(dead).flatten().tolist())
+        lam *= 10
+    raise ValueError(
+        f"the layer's input Hessian is not positive definite even with dampening {lam / 10:g}; use more "
+        "calibration samples or longer ones"
+    )
+
+
+def collect_hessians(block_pass) -> dict[str, HessianAccumulator]:
+    """One pass of the block over the calibration batches, accumulating each targeted layer's input Hessian.
+    Layers fed the very same tensor (q/k/v, gate/up) share one accumulator, so it is computed once."""
+    hessians: dict[str, HessianAccumulator] = {}
+    fed: set[str] = set()  # layers already seen in the current batch
+    live: dict[int, tuple] = {}  # the batch's inputs by address, kept alive so an address cannot be reused
+
+    def observe(name, x, _output):
+        if name in fed:  # the first layer again: a new batch
+            fed.clear()
+            live.clear()
+        fed.add(name)
+        seen = live.get(x.data_ptr())
+        if seen is not None and seen[0].shape == x.shape and hessians.get(name, seen[1]) is seen[1]:
+            hessians[name] = seen[1]
+            return
+        accumulator = hessians.setdefault(name, HessianAccumulator(x.shape[-1]))
+        accumulator.add(x)
+        live[x.data_ptr()] = (x, accumulator)
+
+    block_pass.forward(observe)
+    return hessians
