@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import ARCHS, calibration_tokens, tiny_model
-from studio.core.calibration import CalibrationData, CalibrationSettings
+from studio.core.calibration import CalibrationData, CalibrationSettings, layerwise, load_calibration_tokens
+from studio.core.clone import clone_sharing_weights
 from studio.core.errors import RecipeError
 from studio.core.events import CancelToken, Progress, Warning
 from studio.core.loading import LoadedModel
@@ -14,7 +15,8 @@ from studio.core.runner import run_recipe
 from studio.core.state import compression_state
 from studio.methods.gptq import GPTQParams, gptq_quantize
 from studio.methods.grid import quantize_rtn
-from studio.methods.hessian import HessianAccumulator, inverse_hessian_cholesky
+from studio.core.structure import TargetSpec, target_layers, weight_matrix
+from studio.methods.hessian import HessianAccumulator, collect_hessians, inverse_hessian_cholesky
 
 
 def structured_inputs(tokens=2048, width=128, seed=0):
@@ -80,7 +82,7 @@ def test_a_singular_hessian_gets_more_dampening_and_says_so():
 def recipe_for(text_file, **params):
     return Recipe(
         [Step("gptq", {"bits": 4, "group_size": 32, **params})],
-        calibration=CalibrationSettings(text_file=str(text_file), samples=4, seq_len=16, batch_size=2),
+        calibration=CalibrationSettings(text_file=str(text_file), samples=8, seq_len=32, batch_size=4),
     )
 
 
@@ -96,13 +98,36 @@ def test_gptq_runs_from_a_recipe_and_beats_rtn_on_the_model_outputs(kind, tokeni
     assert state and all(r.quant is not None and r.quant.bits == 4 for r in state.values())
     assert any(isinstance(e, Progress) and e.message == "capturing calibration inputs" for e in events)
     rtn = run_recipe(Recipe([Step("rtn", {"bits": 4, "group_size": 32})]), loaded)
-    tokens = calibration_tokens(samples=4, length=16, seed=5)
+    # on the calibration text itself: a few hundred tokens of a tiny text, which held-out text would not resemble
+    tokens = load_calibration_tokens(tokenizer, recipe_for(text_file).calibration)
     with torch.no_grad():
         reference = model(tokens).logits
         gptq_error = (result.model(tokens).logits - reference).norm()
         rtn_error = (rtn.model(tokens).logits - reference).norm()
     assert gptq_error < rtn_error
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the original is untouched
+
+
+def test_on_held_out_tokens_gptq_beats_rtn_once_calibration_outnumbers_the_layer_widths():
+    model = tiny_model("llama")
+    quantized = {}
+    for kind in ("gptq", "rtn"):
+        copy = clone_sharing_weights(model)
+        data = CalibrationData(calibration_tokens(samples=64, length=32), batch_size=16)
+        for block in layerwise(copy, data, target_layers(copy, TargetSpec())):
+            hessians = collect_hessians(block)
+            for name, module in block.layers.items():
+                w = weight_matrix(module)
+                if kind == "gptq":
+                    module.weight.data = gptq_quantize(w, hessians[name].hessian, GPTQParams(bits=4, group_size=32)).weight
+                else:
+                    module.weight.data = quantize_rtn(w, 4, 32, True).dequantize()
+        quantized[kind] = copy
+    held_out = calibration_tokens(samples=8, length=32, seed=9)
+    with torch.no_grad():
+        reference = model(held_out).logits
+        error = {k: float((m(held_out).logits - reference).norm()) for k, m in quantized.items()}
+    assert error["gptq"] < 0.85 * error["rtn"]
 
 
 def test_without_calibration_text_the_recipe_is_refused_before_anything_runs(tiny_loaded):

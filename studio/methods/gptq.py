@@ -39,7 +39,7 @@ class GPTQParams(MethodParams):
     symmetric: Annotated[bool, Field(description="Symmetric grid around zero (no zero point) or asymmetric.")] = True
     damp: Annotated[float, Field(gt=0, le=1, description="Dampening: fraction of mean(diag H) added to the diagonal.")] = 0.01
     block_size: Annotated[int, Field(ge=1, le=4096, description="Columns per lazy batch update.")] = 128
-    act_order: Annotated[bool, Field(description="Quantize columns in order of decreasing activation energy (diag H).")] = False
+    act_order: Annotated[bool, Field(description="Quantize columns in order of decreasing activation energy (diag H).")] = True
     static_groups: Annotated[
         bool, Field(description="Compute every group's grid before quantizing (always on with act_order and groups).")
     ] = False
