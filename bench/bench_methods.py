@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,7 +143,8 @@ def table(rows: list[dict]) -> str:
             continue
 
         def f(key, fmt):
-            return format(r[key], fmt) if r.get(key) is not None else "-"
+            width = int(fmt[: len(fmt) - len(fmt.lstrip("0123456789"))])
+            return format(r[key], fmt) if r.get(key) is not None else "-".rjust(width)
 
         rss = format(r["peak_rss_bytes"] / MiB, ".0f") if r.get("peak_rss_bytes") else "-"
         lines.append(
@@ -184,8 +186,8 @@ def main() -> int:
 
     forward = [r for r in rows if r["name"] == "forward" and "error" not in r]
     if forward:
-        seconds = sorted(r["seconds"] for r in forward)[len(forward) // 2]
-        rss = sorted(r["peak_rss_bytes"] for r in forward)[len(forward) // 2]
+        seconds = statistics.median(r["seconds"] for r in forward)
+        rss = statistics.median(r["peak_rss_bytes"] for r in forward)
         rows = [r for r in rows if r["name"] != "forward"]
         rows.insert(1, {"name": "forward (median)", "seconds": seconds, "peak_rss_bytes": rss})
         for r in rows:
