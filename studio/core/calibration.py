@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # torch loads lazily: the window must open fast
     from torch import nn
 
 
+CPU_FLOPS_PER_SECOND = 2e10  # sustained float32 matmul throughput assumed by the methods' time estimates
+
+
 class CalibrationSettings(BaseModel):
     """The `calibration:` section of a recipe: where the text comes from and how it is cut into samples."""
 
@@ -137,6 +140,10 @@ def load_calibration_tokens(tokenizer: Any, settings: CalibrationSettings) -> to
     if bos is not None:
         samples = torch.cat([torch.full((settings.samples, 1), bos, dtype=torch.long), samples], dim=1)
     return samples
+
+
+# estimates are made before the recipe's calibration section is read, so they assume its defaults
+DEFAULT_CALIBRATION_TOKENS = CalibrationSettings.model_fields["samples"].default * CalibrationSettings.model_fields["seq_len"].default
 
 
 @dataclass

@@ -31,8 +31,7 @@ from studio.core.registry import Estimate, Family, LayerReport, Method, MethodPa
 from studio.core.state import compression_state
 from studio.core.structure import find_decoder_blocks, iter_layers
 
-CPU_FLOPS_PER_SECOND = 2e10
-DEFAULT_CALIBRATION_TOKENS = 32 * 512
+from studio.core.calibration import CPU_FLOPS_PER_SECOND, DEFAULT_CALIBRATION_TOKENS
 # GPT-2 can scale attention by 1/(layer_idx + 1), fixed when a block is built: renumbered blocks would change.
 LAYER_INDEX_SCALING_FLAG = "scale_attn_by_inverse_layer_idx"
 

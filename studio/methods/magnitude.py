@@ -15,6 +15,7 @@ from pydantic import Field
 
 if TYPE_CHECKING:  # imported when used, so listing the methods does not load torch
     import torch
+    from torch import nn
 
 from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
@@ -59,6 +60,18 @@ def layer_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep.reshape(w.shape)
 
 
+def pattern_problems(layers: dict[int, dict[str, nn.Module]], pattern: str) -> list[str]:
+    """A sentence for the first layer whose input width an N:M pattern's M does not divide."""
+    if pattern == "unstructured":
+        return []
+    m = int(pattern.split(":")[1])
+    for name, module in iter_layers(layers):
+        width = in_out_features(module)[0]
+        if width % m:
+            return [f"field 'pattern': {pattern} needs input widths divisible by {m}; layer {name} has {width}."]
+    return []
+
+
 def global_threshold(weights: list[torch.Tensor], sparsity: float) -> float:
     import torch
 
@@ -76,14 +89,7 @@ class MagnitudePruning(Method):
     Params = MagnitudeParams
 
     def check(self, layers, params: MagnitudeParams) -> list[str]:
-        if params.pattern == "unstructured":
-            return []
-        m = int(params.pattern.split(":")[1])
-        for name, module in iter_layers(layers):
-            width = in_out_features(module)[0]
-            if width % m:
-                return [f"field 'pattern': {params.pattern} needs input widths divisible by {m}; layer {name} has {width}."]
-        return []
+        return pattern_problems(layers, params.pattern)
 
     def estimate(self, layers, params: MagnitudeParams) -> Estimate:
         weights = [m.weight for _, m in iter_layers(layers)]

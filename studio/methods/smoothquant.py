@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # imported when used, so listing the methods does not load to
 
     from studio.core.calibration import BlockPass
 
+from studio.core.calibration import DEFAULT_CALIBRATION_TOKENS
 from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
 from studio.core.state import packed_size
@@ -50,7 +51,6 @@ from studio.methods.rtn import RTN_WEIGHTS_PER_SECOND
 OBSERVED_ROWS = 64  # input rows per layer compared while finding groups and checking a fold
 TRIAL_SCALE_RANGE = 4.0  # trial scales are drawn log-uniformly from [1/4, 4]
 WEIGHT_TOKENS_PER_SECOND = 3e10  # weights × tokens a block forward gets through per second on a small CPU
-DEFAULT_CALIBRATION_TOKENS = 32 * 512  # the estimate does not see the recipe's calibration section
 
 
 # --- where a per-channel scale can be folded (shared with AWQ) ------------------------------------------

@@ -56,8 +56,7 @@ INTERMEDIATE_SIZE_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 MLP_BIAS_FLAG = "mlp_bias"
 ATTENTION_BIAS_FLAG = "attention_bias"
 
-CPU_FLOPS_PER_SECOND = 2e10
-DEFAULT_CALIBRATION_TOKENS = 32 * 512
+from studio.core.calibration import CPU_FLOPS_PER_SECOND, DEFAULT_CALIBRATION_TOKENS
 
 
 class StructuredParams(MethodParams):

@@ -21,13 +21,12 @@ if TYPE_CHECKING:  # imported when used, so listing the methods does not load to
     import torch
     from torch import nn
 
-from studio.core.calibration import CalibrationSettings
 from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
 from studio.core.structure import in_out_features, iter_layers, weight_matrix
-from studio.methods.magnitude import nm_mask
+from studio.core.calibration import CPU_FLOPS_PER_SECOND, DEFAULT_CALIBRATION_TOKENS
+from studio.methods.magnitude import nm_mask, pattern_problems
 
-CPU_FLOPS_PER_SECOND = 2e10  # sustained float32 matmul throughput assumed for time estimates
 
 
 class PruningParams(MethodParams):
@@ -48,22 +47,9 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return int(n), int(m)
 
 
-def pattern_problems(layers: dict[int, dict[str, nn.Module]], pattern: str) -> list[str]:
-    """A sentence for the first layer whose input width an N:M pattern's M does not divide."""
-    nm = parse_pattern(pattern)
-    if nm is None:
-        return []
-    for name, module in iter_layers(layers):
-        width = in_out_features(module)[0]
-        if width % nm[1]:
-            return [f"field 'pattern': {pattern} needs input widths divisible by {nm[1]}; layer {name} has {width}."]
-    return []
-
-
 def default_calibration_tokens() -> int:
     """Tokens of the default calibration section, for estimates made before the recipe's data is read."""
-    fields = CalibrationSettings.model_fields
-    return fields["samples"].default * fields["seq_len"].default
+    return DEFAULT_CALIBRATION_TOKENS
 
 
 def calibration_pass_seconds(layers: dict[int, dict[str, nn.Module]]) -> float:
