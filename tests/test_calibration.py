@@ -45,6 +45,25 @@ def test_hooks_see_each_targeted_layer_input_and_a_changed_block_is_run_again():
     torch.testing.assert_close(inputs_of_block_1, expected)  # computed with block 0's new weights
 
 
+@pytest.mark.parametrize("kind", ARCHS)
+def test_observing_inputs_sees_what_the_full_pass_sees_and_skips_the_rest_of_the_block(kind):
+    model = tiny_model(kind)
+    layers = target_layers(model, TargetSpec())
+    walk = layerwise(model, CalibrationData(calibration_tokens(samples=3, length=16), 2), layers)
+    block = next(walk)
+    full, observed = {}, {}
+    block.forward(lambda name, x, _y: full.setdefault(name, []).append(x.clone()))
+    last = list(full)[-1]  # the last targeted layer the block runs
+    calls = []
+    handle = block.layers[last].register_forward_hook(lambda *a: calls.append(1))
+    block.observe_inputs(lambda name, x: observed.setdefault(name, []).append(x.clone()))
+    handle.remove()
+    assert list(observed) == list(full)
+    for name in full:
+        torch.testing.assert_close(torch.cat(observed[name]), torch.cat(full[name]))
+    assert calls == []  # each batch stopped before the last layer ran
+
+
 def test_progress_per_block_and_cancellation_between_batches():
     model = tiny_model("llama")
     events, cancel = [], CancelToken()

@@ -39,8 +39,9 @@ def hessian_of(x):
     return acc.hessian
 
 
-def test_the_running_hessian_is_2xxt_over_n():
-    x = structured_inputs(tokens=1234)
+@pytest.mark.parametrize("width", [48, 400, 800])  # one, two and four row blocks of the symmetric product
+def test_the_running_hessian_is_2xxt_over_n(width):
+    x = structured_inputs(tokens=1234, width=width)
     torch.testing.assert_close(hessian_of(x), 2 * x.T @ x / len(x), rtol=1e-4, atol=1e-3)
 
 
@@ -64,6 +65,15 @@ def test_activation_order_with_groups_keeps_groups_of_consecutive_columns():
     result = gptq_quantize(w, hessian_of(x), GPTQParams(bits=4, group_size=32, act_order=True))
     assert result.quant.scales.shape == (32, x.shape[1] // 32)
     torch.testing.assert_close(result.quant.dequantize(), result.weight)
+
+
+def test_the_inverse_factor_is_upper_triangular_with_utu_the_dampened_inverse():
+    h = hessian_of(structured_inputs(width=96)).double()
+    inverse = inverse_hessian_cholesky(h, damp=0.01)
+    u = inverse.upper
+    assert not inverse.raised and torch.equal(u, torch.triu(u)) and bool((u.diagonal() > 0).all())
+    dampened = h + 0.01 * h.diagonal().mean() * torch.eye(96, dtype=h.dtype)
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(dampened))
 
 
 def test_a_singular_hessian_gets_more_dampening_and_says_so():

@@ -3,7 +3,8 @@
 The engine follows the sequential scheme of the GPTQ reference implementation: the inputs of decoder block 0
 are captured once for all calibration samples; then, block by block, a method observes the block's layers on
 those inputs (hooks on the linear layers), changes the block, and the block is run again so the next block
-sees the inputs the compressed model will really give it. Only one block's activations are alive at a time, so
+sees the inputs the compressed model will really give it. Methods that compress layer group by layer group
+(GPTQ) do both in one pass with `BlockPass.compress_in_stages` (studio.core.sequential). Only one block's activations are alive at a time, so
 memory stays near the model plus `samples × seq_len × hidden` floats twice.
 
 Every argument a model passes to its blocks (rotary embeddings, masks, per-layer-type masks such as Gemma's
@@ -224,6 +225,9 @@ def _signature(block: nn.Module) -> tuple:
 
 
 Hook = Callable[[str, "torch.Tensor", "torch.Tensor"], None]  # (layer name, input (tokens, in), output)
+InputHook = Callable[[str, "torch.Tensor"], None]  # (layer name, input (tokens, in))
+StageObserver = Callable[[tuple[str, ...], "torch.Tensor"], None]  # (stage, its input (tokens, in))
+StageCompressor = Callable[[tuple[str, ...]], None]
 
 
 @dataclass
@@ -238,6 +242,23 @@ class BlockPass:
     _cancel: CancelToken
     _outputs: list[torch.Tensor] | None = None
     _outputs_signature: tuple | None = None
+    _stage_plans: dict = field(default_factory=dict)  # shared by the blocks of one walk
+
+    def compress_in_stages(self, observe: StageObserver, compress: StageCompressor) -> None:
+        """Compress the targeted layers group by group in the order the block calls them, each group seeing the
+        inputs that the groups before it, already compressed, give it (studio.core.sequential): `observe(stage,
+        x)` gets every batch's input of a stage (layers reading the same tensor, e.g. q/k/v), then `compress(
+        stage)` changes those layers. One pass over the batches, whose outputs become the next block's inputs."""
+        from studio.core.sequential import learn_stages, run_in_stages
+
+        stages = learn_stages(self, self._stage_plans)
+        if stages is None:  # observe every layer, compress them all, run the block again for its outputs
+            self.forward(lambda name, x, _output: observe((name,), x))
+            for name in self.layers:
+                compress((name,))
+            return
+        outputs = run_in_stages(self, stages, observe, compress)
+        self._outputs, self._outputs_signature = outputs, _signature(self.block)
 
     def forward(self, hook: Hook | None = None, layers: dict[str, nn.Module] | None = None) -> list[torch.Tensor]:
         """Run the block on every calibration batch. With `hook`, it is called for each of `layers` (default:
@@ -263,6 +284,38 @@ class BlockPass:
                 handle.remove()
         self._outputs, self._outputs_signature = outputs, _signature(self.block)
         return outputs
+
+    def observe_inputs(self, hook: InputHook, layers: dict[str, nn.Module] | None = None) -> None:
+        """Call `hook` with the input of each of `layers` (default: the targeted ones), flattened to
+        (tokens, in_features), on every calibration batch. The block's outputs are not wanted, so a batch
+        stops as soon as every layer has been reached: the last layer's own product and the rest of the block
+        are skipped (for GPTQ, down_proj: a quarter of the block's work)."""
+        import torch
+
+        watched = self.layers if layers is None else layers
+        waiting: set[str] = set()
+
+        def observe(module, args, name):
+            x = args[0]
+            hook(name, x.reshape(-1, x.shape[-1]))
+            waiting.discard(name)
+            if not waiting:
+                raise _StopForward
+
+        handles = [module.register_forward_pre_hook(lambda m, a, name=name: observe(m, a, name))
+                   for name, module in watched.items()]
+        try:
+            with torch.no_grad():
+                for b, h in enumerate(self.inputs):
+                    self._cancel.check()
+                    waiting.update(watched)
+                    try:
+                        self.block(h, *self._call.args[b], **self._call.kwargs[b])
+                    except _StopForward:
+                        pass
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def outputs(self) -> list[torch.Tensor]:
         """The block's outputs as it is now: reused from the last pass when the block has not changed since."""
@@ -292,10 +345,11 @@ def layerwise(
     if last < 0:
         return
     emit(Progress(step_index, 0, last + 1, "block", "capturing calibration inputs"))
+    stage_plans: dict = {}
     inputs, calls = capture_block_inputs(model, blocks, calibration.tokens, calibration.batch_size, cancel)
     for i in range(last + 1):
         cancel.check()
-        current = BlockPass(i, blocks[i], targets.get(i, {}), inputs, calls[i], cancel)
+        current = BlockPass(i, blocks[i], targets.get(i, {}), inputs, calls[i], cancel, _stage_plans=stage_plans)
         if all_blocks or i in targets:
             yield current
         if i < last:

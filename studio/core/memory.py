@@ -1,10 +1,41 @@
-"""Process memory: current RSS, and the peak RSS over a stretch of work, sampled by a background thread."""
+"""Process memory: current RSS, the peak RSS over a stretch of work (sampled by a background thread), and
+the allocator setting that keeps work spread over threads from multiplying it."""
 
+import ctypes
+import ctypes.util
+import functools
+import sys
 import threading
 
 import psutil
 
 _process = psutil.Process()
+
+
+@functools.cache
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+@functools.cache
+def share_one_malloc_arena() -> None:
+    """Let threads created from now on allocate from the arenas that exist instead of one new arena each.
+    Work handed from thread to thread, one computing at a time (studio.core.sequential), otherwise leaves each
+    thread's freed activations cached in its own arena: measured on SmolLM2 over 30 blocks, a peak RSS of 2,296
+    MiB against 1,248 MiB with this setting (a plain pass: 1,242 MiB). Harmless where threads rarely
+    allocate at the same time, as in this application."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, 1)
 
 
 def rss_bytes() -> int:

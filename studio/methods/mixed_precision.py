@@ -21,7 +21,7 @@ from studio.core.registry import Estimate, Family, LayerReport, Method, MethodPa
 from studio.core.state import packed_size
 from studio.core.structure import in_out_features, iter_layers, weight_matrix
 from studio.methods.gptq import GPTQParams, gptq_quantize
-from studio.methods.hessian import collect_hessians
+from studio.methods.hessian import HessianAccumulator, collect_hessians
 from studio.methods.grid import quantize_rtn
 from studio.methods.rtn import group_size_problems
 
@@ -124,7 +124,7 @@ class MixedPrecision(Method):
     def _sensitivities(self, ctx: StepContext, params: MixedPrecisionParams):
         errors: dict[str, dict[int, float]] = {}
         for block_pass in ctx.layerwise():  # the block is not changed here, so each is run once
-            hessians = collect_hessians(block_pass)
+            hessians = collect_hessians(block_pass, keep_outputs=True)
             for name, module in block_pass.layers.items():
                 w = weight_matrix(module)
                 h = hessians[name].hessian
@@ -153,20 +153,36 @@ class MixedPrecision(Method):
 
             raise RecipeError(f"step {ctx.index + 1} (mixed_precision): the budget is too small: {exc}.") from None
 
-        for block_pass in ctx.layerwise():
-            hessians = collect_hessians(block_pass) if params.quantizer == "gptq" else {}
-            for name, module in block_pass.layers.items():
-                w = weight_matrix(module)
-                if params.quantizer == "gptq":
-                    gptq = GPTQParams(bits=bits[name], group_size=params.group_size, symmetric=params.symmetric,
-                                      damp=params.damp)
-                    result = gptq_quantize(w, hessians[name].hessian, gptq)
-                    quant, new = result.quant, result.weight
-                else:
-                    quant = quantize_rtn(w, bits[name], params.group_size, params.symmetric)
-                    new = quant.dequantize().to(w.dtype)
-                report = LayerReport(name, bits=bits[name], group_size=params.group_size, parameters=w.numel())
-                ctx.replace_weight(name, module, new, report, quant=quant)
+        def quantize(name: str, module, hessian=None) -> None:
+            w = weight_matrix(module)
+            if hessian is not None:
+                gptq = GPTQParams(bits=bits[name], group_size=params.group_size, symmetric=params.symmetric,
+                                  damp=params.damp)
+                result = gptq_quantize(w, hessian, gptq)
+                quant, new = result.quant, result.weight
+            else:
+                quant = quantize_rtn(w, bits[name], params.group_size, params.symmetric)
+                new = quant.dequantize().to(w.dtype)
+            report = LayerReport(name, bits=bits[name], group_size=params.group_size, parameters=w.numel())
+            ctx.replace_weight(name, module, new, report, quant=quant)
+
+        if params.quantizer == "rtn":
+            for _, layers in ctx.blocks():
+                for name, module in layers.items():
+                    quantize(name, module)
+        else:  # stage by stage, as the GPTQ step does
+            for block_pass in ctx.layerwise():
+                hessians: dict[tuple[str, ...], HessianAccumulator] = {}
+
+                def observe(stage, x, hessians=hessians):
+                    hessians.setdefault(stage, HessianAccumulator(x.shape[-1])).add(x)
+
+                def compress(stage, hessians=hessians, layers=block_pass.layers):
+                    hessian = hessians.pop(stage).hessian if stage in hessians else None  # None: never reached
+                    for name in stage:
+                        quantize(name, layers[name], hessian)
+
+                block_pass.compress_in_stages(observe, compress)
 
         total = sum(weights.values())
         average = sum(weights[n] * b for n, b in bits.items()) / total

@@ -275,7 +275,7 @@ def collect_statistics(
     full = {inner: name for name, inner in inner_names(bp).items()}
     watched = {full[g.layers[0]]: bp.block.get_submodule(g.layers[0]) for g in groups}
     stats = {name: InputStatistics(keep) for name in watched}
-    bp.forward(lambda name, x, _: stats[name].add(x), watched)
+    bp.observe_inputs(lambda name, x: stats[name].add(x), watched)
     return {g.layers[0]: stats[full[g.layers[0]]] for g in groups}
 
 

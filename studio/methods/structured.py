@@ -671,7 +671,7 @@ class StructuredPruning(Method):
         if params.score == "magnitude" and not (plan.compensate_mlp or plan.compensate_attention):
             return stats  # nothing to observe: the engine runs the pruned block afterwards anyway
         by_module = {name: layers[name] for name in watched}
-        bp.forward(lambda name, x, _output: stats[watched[name]].add(x), layers=by_module)
+        bp.observe_inputs(lambda name, x: stats[watched[name]].add(x), layers=by_module)
         return stats
 
     @staticmethod

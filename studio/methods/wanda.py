@@ -120,7 +120,7 @@ class Wanda(Method):
     def apply(self, ctx: StepContext, params: PruningParams) -> StepOutcome:
         for block in ctx.layerwise():
             inputs = {name: InputNorms() for name in block.layers}
-            block.forward(lambda name, x, _output: inputs[name].add(x))
+            block.observe_inputs(lambda name, x: inputs[name].add(x))
             for name, module in block.layers.items():
                 ctx.cancel.check()
                 w = weight_matrix(module)
