@@ -2,11 +2,10 @@
 
 The GPTQ reference quantizes a LLaMA block "true sequentially": q/k/v first, then o_proj on the inputs the
 quantized q/k/v give it, then gate/up, then down_proj, re-running the block on every sample for each group. Here
-the block runs once: each calibration batch runs through the block in a thread of its own and pauses where the
-next stage's input is ready; when every batch has paused there, the stage is compressed and the batches go on.
-Only one thread computes at any moment (the others wait on a semaphore), so the block's own operations keep both
-their thread pool and their order, and the block's outputs, with every stage compressed, come out of the same
-pass.
+the block runs once: each calibration batch runs through the block as a greenlet (a call stack that can be
+paused) and pauses where the next stage's input is ready; when every batch has paused there, the stage is
+compressed and the batches go on. Everything stays in the calling thread, one batch computing at a time, and
+the block's outputs, with every stage compressed, come out of the same pass.
 
 A stage is a run of layers the block calls one after another on the very same input tensor (q/k/v, gate/up).
 The stages are learned from one batch the first time a block of a given shape is met. A block that calls a
@@ -16,8 +15,6 @@ observed whole, compressed, and run again.
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,10 +23,6 @@ if TYPE_CHECKING:
     from studio.core.calibration import BlockPass, StageCompressor, StageObserver
 
 Stage = tuple[str, ...]  # layer names, in the order the block calls them
-
-
-class _Abort(Exception):
-    pass
 
 
 def learn_stages(block_pass: BlockPass, plans: dict) -> list[Stage] | None:
@@ -70,94 +63,56 @@ def _stages_of_first_batch(block_pass: BlockPass) -> list[Stage] | None:
     return stages
 
 
-@dataclass
-class _Batch:
-    """One calibration batch running through the block in its own thread."""
-
-    index: int
-    resume: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
-    stage: int = -1  # the stage it is paused at
-    done: bool = False
-    output: Any = None
-    error: BaseException | None = None
-    thread: threading.Thread | None = None
-
-
 def run_in_stages(block_pass: BlockPass, stages: list[Stage], observe: StageObserver,
                   compress: StageCompressor) -> list[torch.Tensor]:
     """Observe and compress `stages` in order in one pass; returns the compressed block's outputs per batch."""
     import torch
+    from greenlet import getcurrent, greenlet
 
     from studio.core.calibration import _block_output
-    from studio.core.memory import share_one_malloc_arena
 
     first = {stage[0]: s for s, stage in enumerate(stages)}
-    paused = threading.Semaphore(0)  # released by the running batch when it pauses or ends
-    local = threading.local()
-    aborting = False
+    main = getcurrent()
+    paused_at: dict[greenlet, int] = {}
 
-    def pause_at(module, args, name):
-        s = first.get(name)
-        if s is None:  # a later layer of a stage already compressed
+    def pause_at(name: str, x: torch.Tensor) -> None:
+        s, batch = first.get(name), getcurrent()
+        if s is None or batch is main:  # a later layer of a stage already compressed, or not a batch
             return
-        batch = local.batch
-        x = args[0]
         observe(stages[s], x.reshape(-1, x.shape[-1]))
-        batch.stage = s
-        paused.release()
-        batch.resume.acquire()
-        if aborting:
-            raise _Abort
+        paused_at[batch] = s
+        main.switch()
 
-    def run(batch: _Batch) -> None:
-        local.batch = batch
-        batch.resume.acquire()
-        try:
-            if not aborting:
-                call = block_pass._call
-                with torch.no_grad():  # grad mode is per thread
-                    output = block_pass.block(block_pass.inputs[batch.index], *call.args[batch.index],
-                                              **call.kwargs[batch.index])
-                batch.output = _block_output(output)
-        except _Abort:
-            pass
-        except BaseException as exc:  # handed to the main thread
-            batch.error = exc
-        finally:
-            batch.done = True
-            paused.release()
+    def run(b: int) -> torch.Tensor:
+        call = block_pass._call
+        return _block_output(block_pass.block(block_pass.inputs[b], *call.args[b], **call.kwargs[b]))
 
-    def step(batch: _Batch) -> None:
-        """Let `batch` compute until it pauses at a later stage or ends."""
-        batch.resume.release()
-        paused.acquire()
-        if batch.error is not None:
-            raise batch.error
+    batches = [greenlet(lambda b=b: run(b)) for b in range(len(block_pass.inputs))]
+    outputs: list[torch.Tensor | None] = [None] * len(batches)
 
-    handles = [block_pass.layers[name].register_forward_pre_hook(lambda m, a, name=name: pause_at(m, a, name))
+    def go_on(b: int) -> None:
+        """Let batch b compute until it pauses at a later stage or ends; its errors are raised here."""
+        result = batches[b].switch()
+        if batches[b].dead:
+            outputs[b] = result
+
+    handles = [block_pass.layers[name].register_forward_pre_hook(lambda m, args, name=name: pause_at(name, args[0]))
                for name in first]
-    share_one_malloc_arena()
-    batches = [_Batch(b) for b in range(len(block_pass.inputs))]
-    for batch in batches:
-        batch.thread = threading.Thread(target=run, args=(batch,), daemon=True, name=f"calibration batch {batch.index}")
-        batch.thread.start()
     try:
-        for s, stage in enumerate(stages):
-            for batch in batches:
-                if not batch.done and batch.stage < s:
-                    block_pass._cancel.check()
-                    step(batch)
-            compress(stage)
-        for batch in batches:
-            if not batch.done:
-                step(batch)
+        with torch.no_grad():  # grad mode belongs to the thread, which every batch shares
+            for s, stage in enumerate(stages):
+                for b, batch in enumerate(batches):
+                    if not batch.dead and paused_at.get(batch, -1) < s:
+                        block_pass._cancel.check()
+                        go_on(b)
+                compress(stage)
+            for b, batch in enumerate(batches):
+                if not batch.dead:
+                    go_on(b)
     finally:
-        aborting = True
         for batch in batches:
-            if not batch.done:
-                batch.resume.release()
-                paused.acquire()
-            batch.thread.join()
+            if not batch.dead:
+                batch.throw()  # GreenletExit unwinds the paused batch quietly
         for handle in handles:
             handle.remove()
-    return [batch.output for batch in batches]
+    return outputs
