@@ -28,7 +28,7 @@ from studio.core.registry import Estimate, Family, LayerReport, Method, MethodPa
 from studio.core.state import QuantizedWeight, packed_size
 from studio.core.structure import in_out_features, iter_layers, weight_matrix
 from studio.methods.grid import grid_params
-from studio.methods.hessian import HessianAccumulator, inverse_hessian_cholesky
+from studio.methods.hessian import HessianAccumulator, dead_columns, inverse_hessian_cholesky
 from studio.methods.rtn import group_size_problems
 
 if TYPE_CHECKING:
@@ -145,8 +145,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, params: GPTQParams) ->
     bits, group = params.bits, params.group_size
     W = w.detach().float().cpu().clone()
     out_f, in_f = W.shape
-    H = hessian.float().cpu().clone()
-    dead = torch.diag(H) == 0
+    H = hessian.float().cpu()  # read only: permuted copies are made below
+    dead = dead_columns(H)
     W[:, dead] = 0  # never-active inputs: their weights do not affect the output
 
     width = group or in_f
@@ -158,7 +158,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, params: GPTQParams) ->
         zero = torch.empty(out_f, in_f // width)
 
     order = torch.argsort(torch.diag(H), descending=True) if params.act_order else torch.arange(in_f)
-    W, H = W[:, order], H[order][:, order]
+    W, H = W[:, order], H[order[:, None], order]
     inverse = inverse_hessian_cholesky(H, params.damp)
     Hinv = inverse.upper
 
