@@ -1,0 +1,21 @@
+"""Dense Hugging Face folder: safetensors weights, config and tokenizer, which plain transformers loads. The
+weights keep the shapes that structured pruning and layer dropping left (the config was rewritten with them);
+quantized and pruned weights are written as their dense values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from studio.core.events import CancelToken
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def write_hf_folder(model: nn.Module, tokenizer: Any, folder: Path, provenance: dict[str, Any],
+                    cancel: CancelToken | None = None) -> dict[str, Any]:
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return {"weights": "dense", "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
