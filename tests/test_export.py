@@ -63,3 +63,54 @@ def test_failure_leaves_nothing_half_written_and_keeps_the_old_folder(tmp_path, 
     with pytest.raises(ExportError):
         export_hf_folder(model, tokenizer, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_cancelled_export_leaves_nothing_and_keeps_an_existing_folder(tmp_path, tokenizer):
+    from studio.core.errors import Cancelled
+    from studio.core.events import CancelToken
+    from studio.core.export import export_model
+
+    out = tmp_path / "out"
+    export_hf_folder(tiny_model(), tokenizer, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    token = CancelToken()
+    token.cancel()
+    for fmt, dest in [("hf-safetensors", out), ("hf-safetensors", tmp_path / "new"), ("gguf", tmp_path / "m.gguf")]:
+        with pytest.raises(Cancelled):
+            export_model(tiny_model(), tokenizer, dest, format=fmt, force=True, cancel=token)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_dense_folder_keeps_the_codes_and_masks_for_a_later_export(tmp_path, tokenizer):
+    from studio.core.loading import load_model
+    from studio.core.state import compression_state
+    from studio.methods.activation_quant import input_quantization
+
+    recipe = parse_recipe({"schema_version": 2, "steps": [
+        {"method": "magnitude", "params": {"sparsity": 0.5, "pattern": "2:4"}},
+        {"method": "rtn", "params": {"bits": 3, "group_size": 32, "symmetric": False},
+         "targets": {"include": ["*.mlp.*"]}},
+        {"method": "rtn", "params": {"bits": 8, "group_size": 0}, "targets": {"include": ["*.self_attn.*"]}}]})
+    result = run_recipe(recipe, LoadedModel(tiny_model(), tokenizer, {}))
+    out = export_hf_folder(result.model, tokenizer, tmp_path / "out", recipe=recipe, report=result.report)
+    assert (out / "studio_state.safetensors").is_file()
+    reloaded = load_model(str(out))
+    saved, restored = compression_state(result.model), compression_state(reloaded.model)
+    assert saved.keys() == restored.keys() and len(saved) == 3 * 7
+    for name, record in saved.items():
+        again = restored[name]
+        assert torch.equal(record.quant.codes, again.quant.codes)
+        assert (record.quant.bits, record.quant.group_size, record.quant.symmetric) == \
+            (again.quant.bits, again.quant.group_size, again.quant.symmetric)
+        assert torch.equal(record.mask, again.mask) and again.sparsity_pattern == "2:4"
+    assert input_quantization(reloaded.model) == {}
+
+    # weights edited after the export: their codes no longer describe them and are dropped, with a warning
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    weights["model.layers.0.mlp.up_proj.weight"] += 0.5
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    edited = compression_state(load_model(str(out)).model)
+    assert "model.layers.0.mlp.up_proj" not in edited and len(edited) == 3 * 7 - 1

@@ -65,7 +65,7 @@ def test_export_formats_and_a_destination_under_a_file_is_a_clear_error(tmp_path
     from studio.core.errors import ExportError
     from studio.core.export import EXPORT_FORMATS, check_destination
 
-    assert [f.id for f in EXPORT_FORMATS if f.available] == ["hf-safetensors"]
+    assert [f.id for f in EXPORT_FORMATS] == ["hf-safetensors", "compressed-tensors", "gguf"]
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(ExportError, match="is a file, not a folder"):

@@ -18,6 +18,7 @@ from typing import Any
 from studio import __version__
 from studio.core.errors import RecipeError, StudioError
 
+GGUF_TYPE_CHOICES = ("auto", "F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")  # formats.GGUF_TYPES
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -71,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_options(p, "--eval-text")
     _calibration_options(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+    _model_options(p)
+
+    p = sub.add_parser("export", help="export a model or a run's result as a Hugging Face folder, "
+                       "compressed-tensors or GGUF")
+    p.add_argument("model", metavar="MODEL_OR_RUN",
+                   help="a model (folder, .safetensors, .gguf, hub id, 'sample'), a `studio run` output folder, "
+                        "or run:ID from `studio history`")
+    p.add_argument("--format", default="hf-safetensors", choices=["hf-safetensors", "compressed-tensors", "gguf"])
+    p.add_argument("--out", help="folder to write (or FILE.gguf for a single GGUF file)")
+    p.add_argument("--type", dest="gguf_type", default="auto", choices=list(GGUF_TYPE_CHOICES),
+                   help="GGUF tensor type; auto keeps the studio's own codes where a GGUF block holds them")
+    p.add_argument("--embedding-bits", type=int, choices=[8, 16], default=8,
+                   help="compressed-tensors: store the token embedding int8 per row (8, default) or as it is (16)")
+    p.add_argument("--advice", action="store_true", help="only say which formats fit the model and what they cost")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (only once the new one is complete)")
+    _eval_options(p, "--eval-text")
+    p.add_argument("--json", action="store_true", help="print the export section of the report as JSON")
     _model_options(p)
 
     sub.add_parser("presets", help="list the bundled recipe presets")
@@ -435,5 +453,94 @@ def _print_run_summary(report: dict, out: Path) -> None:
     print(f"exported to {out}")
 
 
-COMMANDS = {"info": cmd_info, "methods": cmd_methods, "eval": cmd_eval, "run": cmd_run, "presets": cmd_presets,
+def cmd_export(args) -> int:
+    from studio.core.export import check_destination, export_model
+    from studio.core.export.advice import format_advice, model_state_summary
+
+    if not args.advice and not args.out:
+        raise StudioError("Give --out (a folder, or FILE.gguf with --format gguf), or --advice to see which formats fit.")
+    out = None if args.advice else check_destination(args.out, args.force)
+    config = _eval_config(args)
+    if config and not Path(config.text_file).is_file():
+        raise StudioError(f"Evaluation text '{config.text_file}' does not exist.")
+    args.model, recipe, report = _resolve_run(args.model)
+    loaded = _load(args)
+    print(f"model state: {model_state_summary(loaded.model)}", file=sys.stderr)
+    for advice in format_advice(loaded.model, args.gguf_type):
+        if args.advice or advice.format == args.format:
+            mark = "fits" if advice.usable else "does not fit"
+            print(f"{advice.format} ({mark}): {advice.summary}", file=sys.stderr if not args.advice else sys.stdout)
+            for line in advice.details:
+                print(f"    {line}", file=sys.stderr if not args.advice else sys.stdout)
+    if args.advice:
+        return EXIT_OK
+    options = {"type": args.gguf_type} if args.format == "gguf" else \
+        {"embedding_bits": None if args.embedding_bits == 16 else 8} if args.format == "compressed-tensors" else {}
+    started = time.perf_counter()
+    result = export_model(loaded.model, loaded.tokenizer, out, format=args.format, options=options, recipe=recipe,
+                          report=report, source=loaded.source, force=args.force, verify=config)
+    result.export["seconds"] = round(time.perf_counter() - started, 2)
+    if args.json:
+        print(json.dumps(result.export, indent=2, default=str))
+    else:
+        _print_export_summary(result)
+    verification = result.export.get("verification")
+    if verification and not verification["within_tolerance"] and not _requantized(result.export):
+        print("error: the reloaded export does not score like the model in memory (see above)", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return EXIT_OK
+
+
+def _resolve_run(spec: str) -> tuple[str, Any, dict | None]:
+    """A run (run:ID, or a `studio run` output folder) gives the model path plus its recipe and report."""
+    from studio.core.recipe import load_recipe
+
+    if spec.startswith("run:"):
+        from studio.core.history import RunHistory
+
+        try:
+            record = RunHistory().get(int(spec[4:]))
+        except ValueError:
+            raise StudioError(f"'{spec}' is not a run id; `studio history` lists them (run:12).") from None
+        if not record.export_path:
+            raise StudioError(f"Run {spec[4:]} has no exported folder to export from; run it again with --out.")
+        spec = record.export_path
+    folder = Path(spec).expanduser()
+    if not (folder / "report.json").is_file():
+        return spec, None, None
+    recipe = load_recipe(folder / "recipe.yaml") if (folder / "recipe.yaml").is_file() else None
+    try:
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    except ValueError:
+        report = None
+    return str(folder), recipe, report
+
+
+def _requantized(export: dict) -> bool:
+    return bool(export.get("requantized") or export.get("quantized_at_export"))
+
+
+def _print_export_summary(result) -> None:
+    export = result.export
+    size = export["size"]
+    print(f"exported {export['format']} to {result.path}: {size['disk_bytes'] / 2**20:,.1f} MiB on disk "
+          f"in {export['seconds']:.1f} s")
+    for key in ("gguf_type", "bits_per_weight", "studio_codes_kept", "layers_packed", "embedding", "tokenizer"):
+        if export.get(key) is not None:
+            print(f"  {key.replace('_', ' ')}: {export[key]}")
+    for key in ("requantized", "quantized_at_export"):
+        if export.get(key):
+            names = export[key]
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") \
+                if isinstance(names, list) else names
+            print(f"  {key.replace('_', ' ')}: {shown}")
+    verification = export.get("verification")
+    if verification:
+        print(f"  perplexity in memory {verification['in_memory']:.4f} ({verification['tokens']} tokens of "
+              f"{verification['text']})")
+        for loader, value in verification["reloaded"].items():
+            print(f"  reloaded by {loader}: {value['perplexity']:.4f} ({value['relative_difference']:+.2%})")
+
+
+COMMANDS = {"info": cmd_info, "methods": cmd_methods, "eval": cmd_eval, "run": cmd_run, "export": cmd_export, "presets": cmd_presets,
             "history": cmd_history}

@@ -198,7 +198,9 @@ def _load_tokenizer(where: Path | str, **kwargs) -> Any | None:
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool) -> LoadedModel:
-    safetensors = sorted(folder.glob("*.safetensors"))
+    from studio.core.state_file import STATE_FILE, restore_state
+
+    safetensors = sorted(p for p in folder.glob("*.safetensors") if p.name != STATE_FILE)
     ggufs = sorted(folder.glob("*.gguf"))
     pickles = [p for s in PICKLE_SUFFIXES for p in folder.glob(f"*{s}")]
     has_config = (folder / "config.json").is_file()
@@ -222,6 +224,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool, trust_rem
     model = _from_pretrained(
         folder, dtype, trust_remote_code=trust_remote_code, use_safetensors=bool(safetensors)
     )
+    for warning in restore_state(model, folder):  # the compression records a studio export saved
+        log.warning("%s", warning)
     tokenizer = _load_tokenizer(folder, trust_remote_code=trust_remote_code)
     return LoadedModel(model, tokenizer, {"kind": "folder", "path": str(folder), "name": folder.name})
 

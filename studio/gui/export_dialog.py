@@ -1,5 +1,6 @@
-"""File ▸ Export: pick a format the engine offers and a destination folder, write it in a worker, then show
-what was written (path, size on disk, files).
+"""File ▸ Export: pick a format the engine offers and a destination, see what the format does with the model
+as it is now (the engine's advice: codes kept, requantized, not possible), write it in a worker — optionally
+loading it back and comparing its perplexity with the model in memory — then show what was written.
 
 The destination is checked by the engine (`check_destination`) before any work: an existing non-empty folder
 is replaced only after the user agrees, an unwritable place is a clear message, and the window stays usable.
@@ -12,6 +13,8 @@ from typing import Any
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
     QDialog,
     QDialogButtonBox,
     QFileDialog,
@@ -30,16 +33,44 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core.errors import ExportError
-from studio.core.export import EXPORT_FORMATS, check_destination
+from studio.core.errors import Cancelled, ExportError
+from studio.core.events import CancelToken
+from studio.core.export import EXPORT_FORMATS, GGUF_TYPES, check_destination
 from studio.gui.formatting import human_bytes
 from studio.gui.tasks import Task
 
 
-def _export_and_summarize(model, tokenizer, out: str, recipe, report, force: bool) -> dict[str, Any]:
-    from studio.core.export import export_hf_folder, export_summary
+def _export_and_summarize(model, tokenizer, out: str, format_id: str, options: dict, recipe, report, source,
+                          force: bool, cancel: CancelToken, verify) -> dict[str, Any] | None:
+    from studio.core.export import export_model, export_summary
 
-    return export_summary(export_hf_folder(model, tokenizer, out, recipe=recipe, report=report, force=force))
+    try:
+        result = export_model(model, tokenizer, out, format=format_id, options=options, recipe=recipe,
+                              report=report, source=source, force=force, cancel=cancel, verify=verify)
+    except Cancelled:
+        return None
+    return {**export_summary(result.path), "export": result.export}
+
+
+def advice_text(model, format_id: str, gguf_type: str) -> tuple[bool, str]:
+    """(usable, text) for the format, from the engine's advice; never raises (the dialog must open)."""
+    from studio.core.export.advice import format_advice, model_state_summary
+
+    try:
+        advice = next(a for a in format_advice(model, gguf_type) if a.format == format_id)
+        state = model_state_summary(model)
+    except Exception as exc:  # advice is a help text: a failure here must not block the export
+        return True, f"(no advice: {exc})"
+    lines = [f"Model: {state}.", advice.summary, *advice.details]
+    return advice.usable, "\n".join(lines)
+
+
+def verification_text(verification: dict[str, Any]) -> str:
+    lines = [f"Perplexity in memory {verification['in_memory']:.4f} ({verification['tokens']} tokens of "
+             f"{verification['text']})."]
+    for loader, value in verification["reloaded"].items():
+        lines.append(f"Reloaded by {loader}: {value['perplexity']:.4f} ({value['relative_difference']:+.2%}).")
+    return "\n".join(lines)
 
 
 
@@ -52,7 +83,7 @@ def confirm_replace(parent, path: Path) -> bool:
     return answer == QMessageBox.StandardButton.Yes
 
 class ExportDialog(QDialog):
-    """Exports `model` (with its tokenizer, recipe and report) to a folder the user picks.
+    """Exports `model` (with its tokenizer, recipe and report) in a format and to a destination the user picks.
 
     `exported(summary)` carries `export_summary` of the written folder; failures are shown in a message box
     and through `failed(message)`, and the dialog stays open so another folder can be tried."""
@@ -61,27 +92,42 @@ class ExportDialog(QDialog):
     failed = Signal(str)
 
     def __init__(self, model, tokenizer, recipe=None, report=None, default_path: str = "",
-                 parent: QWidget | None = None):
+                 parent: QWidget | None = None, source: dict | None = None, eval_config=None):
         super().__init__(parent)
         self.setWindowTitle("Export model")
-        self.setMinimumWidth(560)
-        self._args = (model, tokenizer, recipe, report)
+        self.setMinimumWidth(620)
+        self._args = (model, tokenizer, recipe, report, source)
+        self._eval_config = eval_config
         self._task: Task | None = None
+        self._cancel: CancelToken | None = None
         self.summary: dict[str, Any] | None = None
 
         self.format_list = QListWidget()
         for fmt in EXPORT_FORMATS:
-            item = QListWidgetItem(fmt.name if fmt.available else f"{fmt.name} (coming)")
+            item = QListWidgetItem(fmt.name)
             item.setData(Qt.ItemDataRole.UserRole, fmt.id)
             item.setToolTip(fmt.description)
-            if not fmt.available:
-                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEnabled & ~Qt.ItemFlag.ItemIsSelectable)
             self.format_list.addItem(item)
-        self.format_list.setCurrentRow(next(i for i, f in enumerate(EXPORT_FORMATS) if f.available))
+        self.format_list.setCurrentRow(0)
         self.format_list.setMaximumHeight(self.format_list.sizeHintForRow(0) * (len(EXPORT_FORMATS) + 1))
         self.format_help = QLabel()
         self.format_help.setWordWrap(True)
         self.format_help.setEnabled(False)
+        self.advice = QLabel()
+        self.advice.setWordWrap(True)
+        self.advice.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        self.gguf_type = QComboBox()
+        self.gguf_type.addItems(list(GGUF_TYPES))
+        self.gguf_type.setToolTip("auto: the type that holds the studio's own codes exactly; otherwise the "
+                                  "weights are quantized (again) to the type chosen")
+        self.embedding_int8 = QCheckBox("Store the token embedding as int8 (per row)")
+        self.embedding_int8.setChecked(True)
+        self.verify = QCheckBox("Load it back and compare its perplexity with the model in memory")
+        self.verify.setChecked(eval_config is not None)
+        self.verify.setEnabled(eval_config is not None)
+        if eval_config is None:
+            self.verify.setToolTip("Set an evaluation text in the Pipeline dock to verify exports")
 
         self.path_edit = QLineEdit(default_path)
         self.path_edit.setPlaceholderText("A new or empty folder")
@@ -106,13 +152,21 @@ class ExportDialog(QDialog):
         self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         self.export_button = self.buttons.addButton("Export", QDialogButtonBox.ButtonRole.AcceptRole)
         self.export_button.setDefault(True)
+        self.cancel_button = self.buttons.addButton("Cancel export", QDialogButtonBox.ButtonRole.ActionRole)
+        self.cancel_button.hide()
+        self.cancel_button.clicked.connect(self.cancel_export)
         self.buttons.accepted.connect(self.start_export)
         self.buttons.rejected.connect(self.reject)
 
         form = QFormLayout()
         form.addRow("Format:", self.format_list)
         form.addRow("", self.format_help)
-        form.addRow("Folder:", path_row)
+        form.addRow("GGUF type:", self.gguf_type)
+        form.addRow("", self.embedding_int8)
+        form.addRow("Fits?", self.advice)
+        form.addRow("Destination:", path_row)
+        form.addRow("", self.verify)
+        self._form = form
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.progress)
@@ -120,6 +174,7 @@ class ExportDialog(QDialog):
         layout.addWidget(self.files, 1)
         layout.addWidget(self.buttons)
         self.format_list.currentRowChanged.connect(self._format_changed)
+        self.gguf_type.currentTextChanged.connect(lambda _: self._update_advice())
         self._format_changed(self.format_list.currentRow())
 
     def format_id(self) -> str:
@@ -129,8 +184,27 @@ class ExportDialog(QDialog):
     def is_busy(self) -> bool:
         return self._task is not None
 
+    def options(self) -> dict[str, Any]:
+        if self.format_id() == "gguf":
+            return {"type": self.gguf_type.currentText()}
+        if self.format_id() == "compressed-tensors":
+            return {"embedding_bits": 8 if self.embedding_int8.isChecked() else None}
+        return {}
+
     def _format_changed(self, row: int) -> None:
         self.format_help.setText(EXPORT_FORMATS[row].description if 0 <= row < len(EXPORT_FORMATS) else "")
+        fmt = self.format_id()
+        self._form.setRowVisible(self.gguf_type, fmt == "gguf")
+        self._form.setRowVisible(self.embedding_int8, fmt == "compressed-tensors")
+        self.path_edit.setPlaceholderText("A new folder, or a file name ending in .gguf" if fmt == "gguf"
+                                          else "A new or empty folder")
+        self._update_advice()
+
+    def _update_advice(self) -> None:
+        usable, text = advice_text(self._args[0], self.format_id(), self.gguf_type.currentText())
+        self.advice.setText(text)
+        self.advice.setStyleSheet("" if usable else "color: #c0392b;")
+        self.export_button.setEnabled(usable and self._task is None)
 
     def _browse(self) -> None:
         start = self.path_edit.text() or str(Path.home())
@@ -168,25 +242,42 @@ class ExportDialog(QDialog):
             except ExportError as again:
                 self._error("Cannot export there", str(again))
                 return
-        model, tokenizer, recipe, report = self._args
-        task = self._task = Task(lambda: _export_and_summarize(model, tokenizer, str(out), recipe, report, force))
+        model, tokenizer, recipe, report, source = self._args
+        fmt, options = self.format_id(), self.options()
+        verify = self._eval_config if self.verify.isChecked() else None
+        cancel = self._cancel = CancelToken()
+        task = self._task = Task(lambda: _export_and_summarize(model, tokenizer, str(out), fmt, options, recipe,
+                                                               report, source, force, cancel, verify))
         task.signals.done.connect(self._done)
         task.signals.failed.connect(self._failed)
         self._set_busy(True, f"Exporting to {out} …")
         task.start()
 
+    def cancel_export(self) -> None:
+        """Stop the writer at its next tensor; the temporary files are removed and nothing reaches the
+        destination."""
+        if self._cancel is not None:
+            self._cancel.cancel()
+            self.status.setText("Cancelling the export …")
+
     def _set_busy(self, busy: bool, message: str) -> None:
         self.progress.setVisible(busy)
+        self.cancel_button.setVisible(busy)
         self.export_button.setEnabled(not busy)
-        self.path_edit.setEnabled(not busy)
-        self.format_list.setEnabled(not busy)
+        for widget in (self.path_edit, self.format_list, self.gguf_type, self.embedding_int8, self.verify):
+            widget.setEnabled(not busy and (widget is not self.verify or self._eval_config is not None))
         self.status.setText(message)
 
-    def _done(self, summary: dict[str, Any]) -> None:
-        self._task = None
+    def _done(self, summary: dict[str, Any] | None) -> None:
+        self._task = self._cancel = None
+        if summary is None:
+            self._set_busy(False, "Export cancelled: nothing was written.")
+            return
         self.summary = summary
-        self._set_busy(False, f"Exported to {summary['path']}: {human_bytes(summary['disk_bytes'])} on disk, "
-                              f"{len(summary['files'])} files.")
+        message = f"Exported to {summary['path']}: {human_bytes(summary['disk_bytes'])} on disk, " \
+                  f"{len(summary['files'])} files."
+        verification = summary["export"].get("verification")
+        self._set_busy(False, message + ("\n" + verification_text(verification) if verification else ""))
         self.files.clear()
         for name, size in summary["files"]:
             item = QTreeWidgetItem([name, human_bytes(size)])
@@ -198,12 +289,12 @@ class ExportDialog(QDialog):
         self.exported.emit(summary)
 
     def _failed(self, message: str) -> None:
-        self._task = None
+        self._task = self._cancel = None
         self._set_busy(False, "")
         self._error("The export failed", message)
 
     def reject(self) -> None:
         if self._task is not None:  # the write goes on in the worker; closing would hide its outcome
-            self.status.setText("Wait for the export to finish: it cannot be interrupted safely.")
+            self.status.setText("The export is still running: cancel it first (nothing will be written).")
             return
         super().reject()

@@ -517,8 +517,11 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("Nothing to export: run a pipeline first.")
             return None
         start = str(Path(self._last_dir()) / f"{self.loaded.name}-compressed")
+        text = self.editor.eval_text()
         dialog = ExportDialog(self.result.model, self.loaded.tokenizer if self.loaded else None,
-                              self.editor.recipe(), self.result.report, start, self)
+                              self.editor.recipe(), self.result.report, start, self,
+                              source=self.loaded.source if self.loaded else None,
+                              eval_config=quick_eval_config(text, self.result.model) if text else None)
         dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         run_id = self._result_run_id
         dialog.exported.connect(lambda summary: self._dialog_exported(summary, run_id))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +25,16 @@ from studio.core.recipe import Recipe
 if TYPE_CHECKING:  # the export dialog lists the formats without loading torch
     from torch import nn
 
+    from studio.core.evaluation.perplexity import PerplexityConfig
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    export: dict[str, Any]  # the report's export section: format, what the writer did, size, verification
+
 __all__ = [
-    "EXPORT_FORMATS", "GGUF_TYPES", "ExportFormat", "check_destination", "export_format", "export_hf_folder",
+    "EXPORT_FORMATS", "GGUF_TYPES", "ExportFormat", "ExportResult", "check_destination", "export_format", "export_hf_folder",
     "export_model", "export_summary",
 ]
 
@@ -42,9 +51,12 @@ def export_model(
     source: dict[str, Any] | None = None,
     force: bool = False,
     cancel: CancelToken | None = None,
-) -> Path:
-    """Write `model` to `out` in `format` (an id of EXPORT_FORMATS) with the format's `options`; returns the
-    path written (a folder, or the .gguf file when `out` ends in .gguf)."""
+    verify: PerplexityConfig | None = None,
+) -> ExportResult:
+    """Write `model` to `out` in `format` (an id of EXPORT_FORMATS) with the format's `options`. With `verify`,
+    the written files are loaded back by the consumer libraries and scored against the model in memory before
+    they are moved into place (studio.core.export.verify). Returns the path written (a folder, or the .gguf
+    file when `out` ends in .gguf) and the report's export section."""
     from studio.core.evaluation.size import size_report
 
     fmt = export_format(format)
@@ -63,19 +75,25 @@ def export_model(
         full_report["studio_version"] = provenance["studio_version"]
         full_report["export"] = {"format": fmt.id, "path": str(out), **written}
         full_report["export"]["size"] = size_report(model, tmp)
+        if verify is not None:
+            from studio.core.export.verify import verify_export
+
+            written_path = next(tmp.glob(f"*{fmt.single_file_suffix}")) if fmt.single_file_suffix else tmp
+            full_report["export"]["verification"] = verify_export(model, tokenizer, fmt.id, written_path, verify,
+                                                                  cancel)
         if single_file:
             (file,) = tmp.glob(f"*{fmt.single_file_suffix}")
             move_into_place(file, out)
         else:
             write_side_files(tmp, provenance, full_report)
             move_into_place(tmp, out)
-    return out
+    return ExportResult(out, full_report["export"])
 
 
 def export_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike, *, recipe: Recipe | None = None,
                      report: dict[str, Any] | None = None, force: bool = False) -> Path:
     """The dense Hugging Face folder (what `studio run --out` writes)."""
-    return export_model(model, tokenizer, out, recipe=recipe, report=report, force=force)
+    return export_model(model, tokenizer, out, recipe=recipe, report=report, force=force).path
 
 
 def export_summary(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,0 +1,64 @@
+"""Which export formats fit the model as it is now, and what each would cost: the guidance shown by
+`studio export --advice` and the export dialog before anything is written."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from studio.core.errors import ExportError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class FormatAdvice:
+    format: str
+    usable: bool
+    summary: str  # one line: fits / does not fit and why
+    details: list[str] = field(default_factory=list)
+
+
+def model_state_summary(model: nn.Module) -> str:
+    """'28 layers quantized (4-bit g64 asym ×28), 12 sparse (2:4 ×12)' or 'not compressed'."""
+    from studio.core.state import compression_state
+
+    state = compression_state(model)
+    quant = Counter(f"{r.quant.bits}-bit " + (f"g{r.quant.group_size}" if r.quant.group_size else "per-channel")
+                    + (" sym" if r.quant.symmetric else " asym") for r in state.values() if r.quant is not None)
+    sparse = Counter(r.sparsity_pattern or "unstructured" for r in state.values() if r.mask is not None)
+    parts = []
+    if quant:
+        parts.append(f"{sum(quant.values())} layers quantized (" + ", ".join(f"{k} ×{n}" for k, n in quant.items()) + ")")
+    if sparse:
+        parts.append(f"{sum(sparse.values())} sparse (" + ", ".join(f"{k} ×{n}" for k, n in sparse.items()) + ")")
+    return ", ".join(parts) or "not compressed"
+
+
+def format_advice(model: nn.Module, gguf_type: str = "auto") -> list[FormatAdvice]:
+    from studio.core.export.compressed_tensors import compressed_tensors_problems
+    from studio.core.export.gguf_file import gguf_plan
+    from studio.core.state import compression_state
+
+    state = compression_state(model)
+    quantized = any(r.quant is not None for r in state.values())
+    sparse = any(r.mask is not None for r in state.values())
+    dense_note = ["Quantized layers are written as their dense values: the folder is not smaller on disk."] if quantized else []
+    advice = [FormatAdvice("hf-safetensors", True,
+                           "Always fits: dense weights, loads with plain transformers; the studio keeps the codes "
+                           "beside them for a later export.", dense_note)]
+    problems = compressed_tensors_problems(model)
+    ct_details = ["compressed-tensors 0.20 writes no sparse format: pruned layers are stored dense."] if sparse else []
+    advice.append(FormatAdvice("compressed-tensors", not problems,
+                               problems[0] if problems else "Fits: the studio's codes are packed as they are.",
+                               problems[1:] + ct_details))
+    try:
+        plan = gguf_plan(model, gguf_type)
+    except ExportError as exc:
+        advice.append(FormatAdvice("gguf", False, str(exc)))
+    else:
+        details = [line for line in plan.get("details", [])]
+        advice.append(FormatAdvice("gguf", True, plan["advice"], details))
+    return advice

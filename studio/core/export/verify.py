@@ -1,0 +1,74 @@
+"""Proof that an export works where it is meant to run: the written files are loaded back by the consumer
+library (plain transformers for the dense folder, transformers with compressed-tensors for compressed-tensors,
+transformers' GGUF loader — and llama.cpp itself when llama-cpp-python is installed — for GGUF) and scored with
+the same perplexity function, on the same tokens, as the model in memory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from studio.core.errors import ExportError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from studio.core.evaluation.perplexity import PerplexityConfig
+
+TOLERANCE = 0.005  # relative perplexity difference accepted between the reloaded export and the model in memory
+
+
+def consumer_loaders(format_id: str, path: Path) -> dict[str, Any]:
+    """{loader name: function returning the reloaded model} for the export at `path` (a folder or a .gguf)."""
+    if format_id == "hf-safetensors":
+        return {"transformers": lambda: _plain_transformers(path)}
+    if format_id == "compressed-tensors":
+        from studio.core.export.compressed_tensors import load_compressed_tensors
+
+        return {"transformers + compressed-tensors": lambda: load_compressed_tensors(path)}
+    if format_id == "gguf":
+        from studio.core.export import gguf_file
+
+        file = path if path.suffix == ".gguf" else next(path.glob("*.gguf"))
+        loaders = {"transformers (GGUF loader)": lambda: gguf_file.load_gguf_with_transformers(file)}
+        if llama_cpp_available():
+            loaders["llama.cpp (llama-cpp-python)"] = lambda: gguf_file.LlamaCppLogits(file)
+        return loaders
+    raise ExportError(f"No loader to verify format '{format_id}'.")
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def verify_export(model: nn.Module, tokenizer: Any, format_id: str, path: Path, config: PerplexityConfig,
+                  cancel=None) -> dict[str, Any]:
+    """Perplexity of the model in memory and of each consumer's reload of `path` on the same tokens."""
+    from studio.core.evaluation.perplexity import load_eval_tokens, perplexity
+
+    tokens = load_eval_tokens(tokenizer, config)
+    in_memory = perplexity(model, tokens, config, tokenizer, cancel=cancel).perplexity
+    result: dict[str, Any] = {"text": Path(config.text_file).name, "tokens": int(tokens.numel()),
+                              "window": config.window, "stride": config.stride, "in_memory": in_memory,
+                              "reloaded": {}, "tolerance": TOLERANCE}
+    for name, load in consumer_loaders(format_id, path).items():
+        started = time.perf_counter()
+        reloaded = load()
+        loaded_seconds = time.perf_counter() - started
+        value = perplexity(reloaded, tokens, config, tokenizer, cancel=cancel).perplexity
+        del reloaded
+        result["reloaded"][name] = {"perplexity": value, "relative_difference": value / in_memory - 1,
+                                    "load_seconds": round(loaded_seconds, 2)}
+    result["within_tolerance"] = all(abs(r["relative_difference"]) <= TOLERANCE for r in result["reloaded"].values())
+    return result
+
+
+def _plain_transformers(folder: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
