@@ -114,3 +114,22 @@ def test_the_dense_folder_keeps_the_codes_and_masks_for_a_later_export(tmp_path,
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     edited = compression_state(load_model(str(out)).model)
     assert "model.layers.0.mlp.up_proj" not in edited and len(edited) == 3 * 7 - 1
+
+
+def test_a_failing_gguf_export_never_touches_an_existing_file(tmp_path, tokenizer, monkeypatch):
+    import studio.core.export.gguf_file as gguf_file
+    from studio.core.export import export_model
+
+    mine = tmp_path / "model.gguf"
+    mine.write_bytes(b"the user's file")
+    with pytest.raises(ExportError, match="already exists.*--force"):
+        export_model(tiny_model(), tokenizer, mine, format="gguf")
+
+    def failing_writer(model, tokenizer, folder, provenance, cancel, **options):
+        (folder / "model.gguf").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(gguf_file, "write_gguf", failing_writer)
+    with pytest.raises(ExportError, match="No space left"):
+        export_model(tiny_model(), tokenizer, mine, format="gguf", force=True)
+    assert mine.read_bytes() == b"the user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
