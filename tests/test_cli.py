@@ -52,6 +52,36 @@ def test_run_writes_model_and_report(capsys, tiny_folder, text_file, tmp_path):
     assert (out_dir / "recipe.yaml").exists() and (out_dir / "model.safetensors").exists()
 
 
+def test_export_a_run_folder_as_gguf_and_compressed_tensors_proven_by_reloading(capsys, tiny_folder, text_file,
+                                                                                 tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "run", "rtn-w4-g64", "--model", tiny_folder, "--out", run_dir)
+    assert code == 0, err
+    code, out, _ = run(capsys, "export", run_dir, "--advice")
+    assert code == 0 and [line.split(" ")[0] for line in out.splitlines() if not line.startswith(" ")] == [
+        "hf-safetensors", "compressed-tensors", "gguf"]
+
+    gguf = tmp_path / "model.gguf"
+    code, out, err = run(capsys, "export", run_dir, "--format", "gguf", "--out", gguf, "--eval-text", text_file,
+                         "--tokens", 200, "--window", 64, "--stride", 64, "--json")
+    assert code == 0, err
+    export = json.loads(out)
+    assert gguf.is_file() and export["gguf_type"] == "Q4_0" and export["studio_codes_kept"] == 3 * 7
+    assert "rtn-w4-g64" in err or "Q4_0" in err  # the advice printed before the export
+    (reloaded,) = [v for k, v in export["verification"]["reloaded"].items() if k.startswith("transformers")]
+    assert abs(reloaded["relative_difference"]) < 0.005
+
+    ct = tmp_path / "ct"
+    code, out, err = run(capsys, "export", run_dir, "--format", "compressed-tensors", "--out", ct)
+    assert code == 0, err
+    config = json.loads((ct / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert "rtn" in (ct / "recipe.yaml").read_text() and "Compression Studio" in (ct / "README.md").read_text()
+
+    code, _, err = run(capsys, "export", tiny_folder, "--format", "compressed-tensors", "--out", tmp_path / "no")
+    assert code == EXIT_BAD_INPUT and "studio run" in err and not (tmp_path / "no").exists()
+
+
 def bad_recipe(tmp_path, step: str):
     path = tmp_path / "bad.yaml"
     path.write_text(f"schema_version: 1\nsteps:\n  - {step}\n")

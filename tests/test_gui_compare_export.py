@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -139,10 +140,8 @@ def test_export_dialog_writes_in_a_worker_and_shows_what_it_wrote(qtbot, window,
                                                                   monkeypatch, errors):
     _run(qtbot, window, tiny_folder)
     dialog = window.open_export_dialog()
-    items = [dialog.format_list.item(i) for i in range(dialog.format_list.count())]
-    assert dialog.format_id() == "hf-safetensors"
-    assert [i.text() for i in items if not i.flags() & items[0].flags().ItemIsEnabled] == [
-        "compressed-tensors (coming)", "GGUF (coming)"]
+    assert dialog.format_id() == "hf-safetensors" and dialog.format_list.count() == 3
+    assert "4-bit" in dialog.advice.text() and dialog.export_button.isEnabled()
 
     out = tmp_path / "exported"
     dialog.path_edit.setText(str(out))
@@ -219,3 +218,44 @@ def test_an_unwritable_export_folder_is_a_clear_message(qtbot, window, tiny_fold
     qtbot.waitUntil(lambda: len(errors) >= 2, timeout=60_000)
     assert "is a file, not a folder" in errors[-1][1] and "Traceback" not in errors[-1][1]
     assert window.export_action.isEnabled() and window.run_action.isEnabled()
+
+
+def test_export_dialog_gguf_with_advice_verification_and_cancel(qtbot, window, tiny_folder, text_file, tmp_path,
+                                                                monkeypatch, errors):
+    _run(qtbot, window, tiny_folder, text_file)  # RTN 4-bit g32 symmetric: Q4_0 holds its codes
+    dialog = window.open_export_dialog()
+    dialog.format_list.setCurrentRow(2)
+    assert dialog.format_id() == "gguf" and dialog.gguf_type.isVisible()
+    assert "Q4_0" in dialog.advice.text() and dialog.export_button.isEnabled()
+    assert dialog.verify.isEnabled() and dialog.verify.isChecked()
+
+    # cancelled mid-write: nothing reaches the destination and the dialog stays usable
+    import studio.core.export.gguf_file as gguf_file
+
+    real_writer = gguf_file.write_gguf
+
+    def slow_writer(model, tokenizer, folder, provenance, cancel, **options):
+        (folder / "partial.gguf").write_bytes(b"GGUF")
+        while not cancel.cancelled:
+            time.sleep(0.01)
+        cancel.check()
+
+    monkeypatch.setattr(gguf_file, "write_gguf", slow_writer)
+    dialog.path_edit.setText(str(tmp_path / "cancelled.gguf"))
+    dialog.export_button.click()
+    assert dialog.is_busy() and dialog.cancel_button.isVisible()
+    dialog.cancel_button.click()
+    qtbot.waitUntil(lambda: not dialog.is_busy(), timeout=60_000)
+    assert "cancelled" in dialog.status.text() and dialog.export_button.isEnabled()
+    assert not [p for p in tmp_path.iterdir() if "cancelled" in p.name or p.name.startswith(".")]
+    monkeypatch.setattr(gguf_file, "write_gguf", real_writer)
+
+    out = tmp_path / "model.gguf"
+    dialog.path_edit.setText(str(out))
+    with qtbot.waitSignal(dialog.exported, timeout=120_000) as signal:
+        dialog.export_button.click()
+    summary = signal.args[0]
+    assert out.is_file() and summary["export"]["gguf_type"] == "Q4_0"
+    verification = summary["export"]["verification"]
+    assert all(abs(v["relative_difference"]) < 0.005 for v in verification["reloaded"].values())
+    assert "Reloaded by transformers" in dialog.status.text() and not errors

@@ -94,7 +94,7 @@ def codes_to_blocks(quant: QuantizedWeight, container: str, row_order=None) -> n
     """The (out, in / 32 * block bytes) uint8 rows of `container` blocks holding `quant`'s codes; `row_order`
     reorders the output rows (llama.cpp's q/k head layout)."""
     spec = CONTAINERS[container]
-    codes, scales, zeros = quant.codes, quant.scales, quant.zeros
+    codes, scales, zeros = quant.codes.cpu(), quant.scales.cpu(), quant.zeros.cpu()
     if row_order is not None:
         codes, scales, zeros = codes[row_order], scales[row_order], zeros[row_order]
     out_features, in_features = codes.shape
@@ -103,7 +103,8 @@ def codes_to_blocks(quant: QuantizedWeight, container: str, row_order=None) -> n
     z = np.repeat(zeros.float().numpy(), blocks_per_group, axis=1).reshape(-1)
     q = codes.numpy().astype(np.int16).reshape(-1, BLOCK)
     if spec.with_min:
-        packed = PACKERS[container](q.astype(np.uint8), d, -z * d)
+        # m from the fp16 d the block stores, so d * q + m stays (codes - zeros) * d up to m's own rounding
+        packed = PACKERS[container](q.astype(np.uint8), d, -z * d.astype(np.float16).astype(np.float32))
     else:
         packed = PACKERS[container]((q - z.astype(np.int16)[:, None] + spec.offset), d)
     return packed.reshape(out_features, -1)

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from studio.core.evaluation.perplexity import PerplexityConfig
 
 TOLERANCE = 0.005  # relative perplexity difference accepted between the reloaded export and the model in memory
+# llama.cpp's CPU kernels round the activations to 8 bits for every dot product with a quantized weight, which
+# alone moves SmolLM2's perplexity by 0.4-0.8% on a file transformers reloads bit for bit (bench/README.md)
+LLAMA_CPP_TOLERANCE = 0.01
+LLAMA_CPP = "llama.cpp (llama-cpp-python)"
 
 
 def consumer_loaders(format_id: str, path: Path) -> dict[str, Any]:
@@ -33,7 +37,7 @@ def consumer_loaders(format_id: str, path: Path) -> dict[str, Any]:
         file = path if path.suffix == ".gguf" else next(path.glob("*.gguf"))
         loaders = {"transformers (GGUF loader)": lambda: gguf_file.load_gguf_with_transformers(file)}
         if llama_cpp_available():
-            loaders["llama.cpp (llama-cpp-python)"] = lambda: gguf_file.LlamaCppLogits(file)
+            loaders[LLAMA_CPP] = lambda: gguf_file.LlamaCppLogits(file)
         return loaders
     raise ExportError(f"No loader to verify format '{format_id}'.")
 
@@ -55,16 +59,18 @@ def verify_export(model: nn.Module, tokenizer: Any, format_id: str, path: Path, 
     in_memory = perplexity(model, tokens, config, tokenizer, cancel=cancel).perplexity
     result: dict[str, Any] = {"text": Path(config.text_file).name, "tokens": int(tokens.numel()),
                               "window": config.window, "stride": config.stride, "in_memory": in_memory,
-                              "reloaded": {}, "tolerance": TOLERANCE}
+                              "reloaded": {}}
     for name, load in consumer_loaders(format_id, path).items():
         started = time.perf_counter()
         reloaded = load()
         loaded_seconds = time.perf_counter() - started
         value = perplexity(reloaded, tokens, config, tokenizer, cancel=cancel).perplexity
         del reloaded
+        tolerance = LLAMA_CPP_TOLERANCE if name == LLAMA_CPP else TOLERANCE
         result["reloaded"][name] = {"perplexity": value, "relative_difference": value / in_memory - 1,
-                                    "load_seconds": round(loaded_seconds, 2)}
-    result["within_tolerance"] = all(abs(r["relative_difference"]) <= TOLERANCE for r in result["reloaded"].values())
+                                    "tolerance": tolerance, "load_seconds": round(loaded_seconds, 2)}
+    result["within_tolerance"] = all(abs(r["relative_difference"]) <= r["tolerance"]
+                                     for r in result["reloaded"].values())
     return result
 
 
