@@ -59,6 +59,9 @@ def format_advice(model: nn.Module, gguf_type: str = "auto") -> list[FormatAdvic
     except ExportError as exc:
         advice.append(FormatAdvice("gguf", False, str(exc)))
     else:
-        details = [line for line in plan.get("details", [])]
+        details = list(plan.get("details", []))
+        if plan["requantized"] or plan["quantized_at_export"]:
+            details.append("Rounding at export changes the weights the studio evaluated: verify the export (an "
+                           "evaluation text, --eval-text) to measure the perplexity of the file itself.")
         advice.append(FormatAdvice("gguf", True, plan["advice"], details))
     return advice
