@@ -133,3 +133,27 @@ def test_a_failing_gguf_export_never_touches_an_existing_file(tmp_path, tokenize
     with pytest.raises(ExportError, match="No space left"):
         export_model(tiny_model(), tokenizer, mine, format="gguf", force=True)
     assert mine.read_bytes() == b"the user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_a_structurally_pruned_llama_in_gguf_is_verified_by_llama_cpp_not_by_transformers(tmp_path, tokenizer,
+                                                                                        text_file):
+    from studio.core.evaluation.perplexity import PerplexityConfig
+    from studio.core.export import export_model
+    from studio.core.export.gguf_check import llama_cpp_available
+
+    recipe = parse_recipe({"schema_version": 2, "steps": [{"method": "structured", "params": {"mlp_ratio": 0.25}}],
+                           "calibration": {"text_file": str(text_file), "samples": 4, "seq_len": 16}})
+    result = run_recipe(recipe, LoadedModel(tiny_model(), tokenizer, {}))
+    assert result.status == "finished", result.error
+    verify = PerplexityConfig(str(text_file), max_tokens=120, window=64, stride=64)
+    if not llama_cpp_available():  # then nothing here can load the file back faithfully, and the export says so
+        with pytest.raises(ExportError, match="No consumer library.*drops"):
+            export_model(result.model, tokenizer, tmp_path / "m.gguf", format="gguf", options={"type": "F32"},
+                         verify=verify)
+        assert not (tmp_path / "m.gguf").exists()
+        return
+    written = export_model(result.model, tokenizer, tmp_path / "m.gguf", format="gguf", options={"type": "F32"},
+                           verify=verify)
+    checked = written.export["verification"]
+    assert "bias tensors" in checked["not_checked"]["transformers (GGUF loader)"]
+    assert abs(checked["reloaded"]["llama.cpp (llama-cpp-python)"]["relative_difference"]) < 0.005

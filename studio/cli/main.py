@@ -540,6 +540,8 @@ def _print_export_summary(result) -> None:
               f"{verification['text']})")
         for loader, value in verification["reloaded"].items():
             print(f"  reloaded by {loader}: {value['perplexity']:.4f} ({value['relative_difference']:+.2%})")
+        for loader, reason in verification.get("not_checked", {}).items():
+            print(f"  not checked with {loader}: {reason}")
 
 
 COMMANDS = {"info": cmd_info, "methods": cmd_methods, "eval": cmd_eval, "run": cmd_run, "export": cmd_export, "presets": cmd_presets,

@@ -70,6 +70,8 @@ def verification_text(verification: dict[str, Any]) -> str:
              f"{verification['text']})."]
     for loader, value in verification["reloaded"].items():
         lines.append(f"Reloaded by {loader}: {value['perplexity']:.4f} ({value['relative_difference']:+.2%}).")
+    for loader, reason in verification.get("not_checked", {}).items():
+        lines.append(f"Not checked with {loader}: {reason}.")
     return "\n".join(lines)
 
 

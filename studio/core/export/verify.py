@@ -21,10 +21,12 @@ TOLERANCE = 0.005  # relative perplexity difference accepted between the reloade
 # alone moves SmolLM2's perplexity by 0.4-0.8% on a file transformers reloads bit for bit (bench/README.md)
 LLAMA_CPP_TOLERANCE = 0.01
 LLAMA_CPP = "llama.cpp (llama-cpp-python)"
+TRANSFORMERS_GGUF = "transformers (GGUF loader)"
 
 
 def consumer_loaders(format_id: str, path: Path) -> dict[str, Any]:
-    """{loader name: function returning the reloaded model} for the export at `path` (a folder or a .gguf)."""
+    """{loader name: function returning the reloaded model, or the reason it cannot check this export} for the
+    export at `path` (a folder or a .gguf)."""
     if format_id == "hf-safetensors":
         return {"transformers": lambda: _plain_transformers(path)}
     if format_id == "compressed-tensors":
@@ -33,21 +35,16 @@ def consumer_loaders(format_id: str, path: Path) -> dict[str, Any]:
         return {"transformers + compressed-tensors": lambda: load_compressed_tensors(path)}
     if format_id == "gguf":
         from studio.core.export import gguf_file
+        from studio.core.export.gguf_check import llama_cpp_available, what_transformers_drops
 
         file = path if path.suffix == ".gguf" else next(path.glob("*.gguf"))
-        loaders = {"transformers (GGUF loader)": lambda: gguf_file.load_gguf_with_transformers(file)}
-        if llama_cpp_available():
-            loaders[LLAMA_CPP] = lambda: gguf_file.LlamaCppLogits(file)
+        loaders: dict[str, Any] = {}
+        dropped = what_transformers_drops(file)
+        loaders[TRANSFORMERS_GGUF] = dropped or (lambda: gguf_file.load_gguf_with_transformers(file))
+        loaders[LLAMA_CPP] = (lambda: gguf_file.LlamaCppLogits(file)) if llama_cpp_available() else \
+            "llama-cpp-python is not installed (pip install -e \".[llama]\")"
         return loaders
     raise ExportError(f"No loader to verify format '{format_id}'.")
-
-
-def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def verify_export(model: nn.Module, tokenizer: Any, format_id: str, path: Path, config: PerplexityConfig,
@@ -59,8 +56,11 @@ def verify_export(model: nn.Module, tokenizer: Any, format_id: str, path: Path, 
     in_memory = perplexity(model, tokens, config, tokenizer, cancel=cancel).perplexity
     result: dict[str, Any] = {"text": Path(config.text_file).name, "tokens": int(tokens.numel()),
                               "window": config.window, "stride": config.stride, "in_memory": in_memory,
-                              "reloaded": {}}
+                              "reloaded": {}, "not_checked": {}}
     for name, load in consumer_loaders(format_id, path).items():
+        if isinstance(load, str):
+            result["not_checked"][name] = load
+            continue
         started = time.perf_counter()
         reloaded = load()
         loaded_seconds = time.perf_counter() - started
@@ -69,6 +69,9 @@ def verify_export(model: nn.Module, tokenizer: Any, format_id: str, path: Path, 
         tolerance = LLAMA_CPP_TOLERANCE if name == LLAMA_CPP else TOLERANCE
         result["reloaded"][name] = {"perplexity": value, "relative_difference": value / in_memory - 1,
                                     "tolerance": tolerance, "load_seconds": round(loaded_seconds, 2)}
+    if not result["reloaded"]:
+        raise ExportError("No consumer library here can load this export back: "
+                          + "; ".join(f"{k}: {v}" for k, v in result["not_checked"].items()))
     result["within_tolerance"] = all(abs(r["relative_difference"]) <= r["tolerance"]
                                      for r in result["reloaded"].values())
     return result
