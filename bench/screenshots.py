@@ -1,6 +1,7 @@
 """Screenshots of the real main window: a tiny random Llama, a two-step pipeline (2:4 magnitude pruning, then
 RTN W4 g32) with a quick evaluation, run; then PNGs of the window with its charts and of the compare view,
-at 1280×800 and 1920×1080, in the light theme (and the dark one at 1280×800).
+at 1280×800 and 1920×1080, in the light theme (and the dark one at 1280×800), and of the export dialog (GGUF:
+its advice, then the export loaded back and compared).
 
     xvfb-run -s "-screen 0 1920x1080x24" env QT_QPA_PLATFORM=xcb python bench/screenshots.py [--out DIR]
 
@@ -128,6 +129,23 @@ def main() -> int:
                     path = args.out / f"{view}{suffix}-{width}x{height}-{theme}.png"
                     window.grab().save(str(path))
                     saved.append(path)
+    window.set_theme("light")
+    dialog = window.open_export_dialog()  # GGUF: the advice, then the export loaded back and compared
+    dialog.format_list.setCurrentRow(2)
+    dialog.path_edit.setText(str(work / "export" / "model.gguf"))
+    settle()
+    path = args.out / "export-dialog-advice-light.png"
+    dialog.grab().save(str(path))
+    saved.append(path)
+    exported = []
+    dialog.exported.connect(exported.append)
+    dialog.export_button.click()
+    wait(lambda: exported)
+    settle()
+    path = args.out / "export-dialog-done-light.png"
+    dialog.grab().save(str(path))
+    saved.append(path)
+    dialog.close()
     window.set_theme("system")
     window.close()
     for path in saved:

@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QMessageBox,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QTreeWidget,
     QTreeWidgetItem,
     QVBoxLayout,
@@ -118,6 +119,7 @@ class ExportDialog(QDialog):
         self.advice = QLabel()
         self.advice.setWordWrap(True)
         self.advice.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.advice.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)  # never squeezed
 
         self.gguf_type = QComboBox()
         self.gguf_type.addItems(list(GGUF_TYPES))
@@ -277,7 +279,7 @@ class ExportDialog(QDialog):
             return
         self.summary = summary
         message = f"Exported to {summary['path']}: {human_bytes(summary['disk_bytes'])} on disk, " \
-                  f"{len(summary['files'])} files."
+                  f"{len(summary['files'])} file{'s' if len(summary['files']) != 1 else ''}."
         verification = summary["export"].get("verification")
         self._set_busy(False, message + ("\n" + verification_text(verification) if verification else ""))
         self.files.clear()

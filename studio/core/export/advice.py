@@ -61,7 +61,6 @@ def format_advice(model: nn.Module, gguf_type: str = "auto") -> list[FormatAdvic
     else:
         details = list(plan.get("details", []))
         if plan["requantized"] or plan["quantized_at_export"]:
-            details.append("Rounding at export changes the weights the studio evaluated: verify the export (an "
-                           "evaluation text, --eval-text) to measure the perplexity of the file itself.")
+            details.append("Rounding at export changes the evaluated weights: verify to measure the file's perplexity.")
         advice.append(FormatAdvice("gguf", True, plan["advice"], details))
     return advice
