@@ -103,7 +103,7 @@ def main() -> None:
                        "bits_per_weight": result.export.get("bits_per_weight"),
                        "kept": result.export.get("studio_codes_kept", result.export.get("layers_packed")),
                        "in_memory": in_memory, "reloaded": {}}
-                for loader, load in consumer_loaders(fmt, out).items():
+                for loader, load in consumer_loaders(fmt, out, result.export).items():
                     if isinstance(load, str):  # this library cannot check this export: the reason
                         row.setdefault("not_checked", {})[loader] = load
                         continue

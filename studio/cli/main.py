@@ -466,12 +466,11 @@ def cmd_export(args) -> int:
     args.model, recipe, report = _resolve_run(args.model)
     loaded = _load(args)
     print(f"model state: {model_state_summary(loaded.model)}", file=sys.stderr)
-    for advice in format_advice(loaded.model, args.gguf_type):
-        if args.advice or advice.format == args.format:
-            mark = "fits" if advice.usable else "does not fit"
-            print(f"{advice.format} ({mark}): {advice.summary}", file=sys.stderr if not args.advice else sys.stdout)
-            for line in advice.details:
-                print(f"    {line}", file=sys.stderr if not args.advice else sys.stdout)
+    stream = sys.stdout if args.advice else sys.stderr
+    for advice in format_advice(loaded.model, args.gguf_type, None if args.advice else (args.format,)):
+        print(f"{advice.format} ({'fits' if advice.usable else 'does not fit'}): {advice.summary}", file=stream)
+        for line in advice.details:
+            print(f"    {line}", file=stream)
     if args.advice:
         return EXIT_OK
     options = {"type": args.gguf_type} if args.format == "gguf" else \

@@ -37,6 +37,14 @@ class QuantizedWeight:
         w = (codes - self.zeros[..., None].float()) * self.scales[..., None].float()
         return w.view(out_f, in_f)
 
+    def describes(self, weight: torch.Tensor) -> bool:
+        """Whether these codes still give `weight` (a later edit of the weights leaves stale codes)."""
+        import torch
+
+        if tuple(self.codes.shape) != tuple(weight.shape):
+            return False
+        return torch.allclose(self.dequantize().to(weight.dtype).float(), weight.float(), rtol=1e-3, atol=1e-6)
+
     def packed_bytes(self) -> int:
         out_f, in_f = self.codes.shape
         return packed_size(out_f, in_f, self.bits, self.group_size, self.symmetric,

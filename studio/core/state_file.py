@@ -52,7 +52,6 @@ def save_state(model: nn.Module, folder: Path) -> bool:
 
 def restore_state(model: nn.Module, folder: Path) -> list[str]:
     """Give `model` (loaded from `folder`) the records saved beside it; returns warnings for records dropped."""
-    import torch
     from safetensors import safe_open
 
     from studio.core.structure import weight_matrix
@@ -85,8 +84,7 @@ def restore_state(model: nn.Module, folder: Path) -> list[str]:
             codes = _unpack_nibbles(codes, shape) if info["bits"] <= 4 else codes
             quant = QuantizedWeight(codes, tensors[f"{name}.scales"].to(weight.dtype), tensors[f"{name}.zeros"],
                                     info["bits"], info["group_size"], info["symmetric"])
-            if tuple(weight.shape) != shape or not torch.allclose(quant.dequantize().to(weight.dtype).float(),
-                                                                  weight.float(), rtol=1e-3, atol=1e-6):
+            if not quant.describes(weight):
                 warnings.append(f"{path}: the codes of {name} no longer match its weights and were dropped")
             else:
                 record = LayerRecord(quant=quant, sparsity_pattern=record.sparsity_pattern)

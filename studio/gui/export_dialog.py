@@ -50,7 +50,7 @@ def _export_and_summarize(model, tokenizer, out: str, format_id: str, options: d
                               report=report, source=source, force=force, cancel=cancel, verify=verify)
     except Cancelled:
         return None
-    return {**export_summary(result.path), "export": result.export}
+    return export_summary(result.path, result.export)
 
 
 def advice_text(model, format_id: str, gguf_type: str) -> tuple[bool, str]:
@@ -58,7 +58,7 @@ def advice_text(model, format_id: str, gguf_type: str) -> tuple[bool, str]:
     from studio.core.export.advice import format_advice, model_state_summary
 
     try:
-        advice = next(a for a in format_advice(model, gguf_type) if a.format == format_id)
+        (advice,) = format_advice(model, gguf_type, (format_id,))
         state = model_state_summary(model)
     except Exception as exc:  # advice is a help text: a failure here must not block the export
         return True, f"(no advice: {exc})"

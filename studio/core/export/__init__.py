@@ -79,8 +79,8 @@ def export_model(
             from studio.core.export.verify import verify_export
 
             written_path = next(tmp.glob(f"*{fmt.single_file_suffix}")) if fmt.single_file_suffix else tmp
-            full_report["export"]["verification"] = verify_export(model, tokenizer, fmt.id, written_path, verify,
-                                                                  cancel)
+            full_report["export"]["verification"] = verify_export(model, tokenizer, fmt.id, written_path, written,
+                                                                  verify, cancel)
         if single_file:
             (file,) = tmp.glob(f"*{fmt.single_file_suffix}")
             move_into_place(file, out)
@@ -96,15 +96,17 @@ def export_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike, *
     return export_model(model, tokenizer, out, recipe=recipe, report=report, force=force).path
 
 
-def export_summary(path: str | os.PathLike) -> dict[str, Any]:
+def export_summary(path: str | os.PathLike, export: dict[str, Any] | None = None) -> dict[str, Any]:
     """What an export wrote: its path, bytes on disk, and each file with its size (largest first), plus the
-    export section of its report.json."""
+    export section of its report (`export`, else read from its report.json)."""
     path = Path(path)
     paths = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
     root = path.parent if path.is_file() else path
     files = sorted(((str(f.relative_to(root)), f.stat().st_size) for f in paths), key=lambda item: (-item[1], item[0]))
-    try:
-        written = json.loads((path / "report.json").read_text(encoding="utf-8")).get("export", {})
-    except (OSError, ValueError):
-        written = {}
+    written = export
+    if written is None:
+        try:
+            written = json.loads((path / "report.json").read_text(encoding="utf-8")).get("export", {})
+        except (OSError, ValueError):
+            written = {}
     return {"path": str(path), "disk_bytes": sum(size for _, size in files), "files": files, "export": written}

@@ -37,30 +37,45 @@ def model_state_summary(model: nn.Module) -> str:
     return ", ".join(parts) or "not compressed"
 
 
-def format_advice(model: nn.Module, gguf_type: str = "auto") -> list[FormatAdvice]:
-    from studio.core.export.compressed_tensors import compressed_tensors_problems
-    from studio.core.export.gguf_file import gguf_plan
+def format_advice(model: nn.Module, gguf_type: str = "auto", formats: tuple[str, ...] | None = None
+                  ) -> list[FormatAdvice]:
+    """Advice for each of `formats` (all when None), in EXPORT_FORMATS order; only those asked for are worked out."""
+    from studio.core.export.formats import EXPORT_FORMATS
+
+    advisers = {"hf-safetensors": _dense_advice, "compressed-tensors": _compressed_tensors_advice,
+                "gguf": lambda m: _gguf_advice(m, gguf_type)}
+    return [advisers[f.id](model) for f in EXPORT_FORMATS if formats is None or f.id in formats]
+
+
+def _dense_advice(model: nn.Module) -> FormatAdvice:
     from studio.core.state import compression_state
 
-    state = compression_state(model)
-    quantized = any(r.quant is not None for r in state.values())
-    sparse = any(r.mask is not None for r in state.values())
-    dense_note = ["Quantized layers are written as their dense values: the folder is not smaller on disk."] if quantized else []
-    advice = [FormatAdvice("hf-safetensors", True,
-                           "Always fits: dense weights, loads with plain transformers; the studio keeps the codes "
-                           "beside them for a later export.", dense_note)]
+    quantized = any(r.quant is not None for r in compression_state(model).values())
+    details = ["Quantized layers are written as their dense values: the folder is not smaller on disk."] if quantized else []
+    return FormatAdvice("hf-safetensors", True, "Always fits: dense weights, loads with plain transformers; the studio "
+                        "keeps the codes beside them for a later export.", details)
+
+
+def _compressed_tensors_advice(model: nn.Module) -> FormatAdvice:
+    from studio.core.export.compressed_tensors import compressed_tensors_problems
+    from studio.core.state import compression_state
+
     problems = compressed_tensors_problems(model)
-    ct_details = ["compressed-tensors 0.20 writes no sparse format: pruned layers are stored dense."] if sparse else []
-    advice.append(FormatAdvice("compressed-tensors", not problems,
-                               problems[0] if problems else "Fits: the studio's codes are packed as they are.",
-                               problems[1:] + ct_details))
+    sparse = any(r.mask is not None for r in compression_state(model).values())
+    details = ["compressed-tensors 0.20 writes no sparse format: pruned layers are stored dense."] if sparse else []
+    return FormatAdvice("compressed-tensors", not problems,
+                        problems[0] if problems else "Fits: the studio's codes are packed as they are.",
+                        problems[1:] + details)
+
+
+def _gguf_advice(model: nn.Module, gguf_type: str) -> FormatAdvice:
+    from studio.core.export.gguf_file import gguf_plan
+
     try:
         plan = gguf_plan(model, gguf_type)
     except ExportError as exc:
-        advice.append(FormatAdvice("gguf", False, str(exc)))
-    else:
-        details = list(plan.get("details", []))
-        if plan["requantized"] or plan["quantized_at_export"]:
-            details.append("Rounding at export changes the evaluated weights: verify to measure the file's perplexity.")
-        advice.append(FormatAdvice("gguf", True, plan["advice"], details))
-    return advice
+        return FormatAdvice("gguf", False, str(exc))
+    details = list(plan.get("details", []))
+    if plan["requantized"] or plan["quantized_at_export"]:
+        details.append("Rounding at export changes the evaluated weights: verify to measure the file's perplexity.")
+    return FormatAdvice("gguf", True, plan["advice"], details)

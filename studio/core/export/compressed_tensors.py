@@ -178,7 +178,7 @@ def _plan_layers(model: nn.Module, embedding_bits: int | None, cancel: CancelTok
 
     state = getattr(model, STATE_ATTR, None) or {}
     inputs = input_quantization(model)
-    embedding_weight = _token_embedding(model).weight
+    embedding_weight = model.get_input_embeddings().weight
     packed, dense = [], {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -186,7 +186,7 @@ def _plan_layers(model: nn.Module, embedding_bits: int | None, cancel: CancelTok
         record = state.get(name)
         if cancel is not None:
             cancel.check()
-        if record is not None and record.quant is not None and _codes_describe(record.quant, module.weight):
+        if record is not None and record.quant is not None and record.quant.describes(module.weight):
             bits = inputs.get(name, {}).get("bits")
             packed.append(PackedLayer(name, record.quant, "Linear", bits if bits is not None and bits < 16 else None))
         elif record is not None and record.quant is not None:
@@ -202,19 +202,6 @@ def _plan_layers(model: nn.Module, embedding_bits: int | None, cancel: CancelTok
     return packed, dense
 
 
-def _codes_describe(quant: QuantizedWeight, weight: torch.Tensor) -> bool:
-    """The record still describes the layer: a later step may have changed the weights it was made for."""
-    import torch
-
-    if tuple(quant.codes.shape) != tuple(weight.shape):
-        return False
-    return torch.allclose(quant.dequantize().to(weight.dtype).float(), weight.float(), rtol=1e-3, atol=1e-6)
-
-
-def _token_embedding(model: nn.Module) -> nn.Embedding:
-    return model.get_input_embeddings()
-
-
 def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
@@ -222,7 +209,7 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 def _quantized_embedding(model: nn.Module, bits: int) -> PackedLayer:
     from studio.methods.grid import quantize_rtn
 
-    embedding = _token_embedding(model)
+    embedding = model.get_input_embeddings()
     width = embedding.weight.shape[1]
     group_size = EMBEDDING_GROUP_SIZE if width % EMBEDDING_GROUP_SIZE == 0 else 0
     quant = quantize_rtn(embedding.weight.data, bits, group_size, symmetric=False)

@@ -34,21 +34,6 @@ def load_with_transformers(file: Path) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def what_transformers_drops(file: Path) -> str | None:
-    """Why transformers' GGUF loader would not rebuild this file's model (None when it would): its llama
-    config has no bias flags, so the biases structured pruning folds in are dropped on load."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(file))
-    if reader.fields["general.architecture"].contents() != "llama":
-        return None
-    biases = [t.name for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith(".bias")]
-    if not biases:
-        return None
-    return (f"the file has {len(biases)} bias tensors (e.g. {biases[0]}) that llama.cpp reads and transformers' "
-            "GGUF loader drops for llama models")
-
-
 def _sliding_window_pattern(file: Path) -> list[bool] | None:
     import gguf
 

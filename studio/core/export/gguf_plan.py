@@ -55,6 +55,7 @@ class ExportPlan:
     jobs: list[TensorJob]
     requested: str
     warnings: list[str]
+    transformers_drops: str | None = None  # why transformers' GGUF loader would not rebuild this model
 
     @property
     def matrices(self) -> list[TensorJob]:
@@ -111,8 +112,10 @@ def plan_export(model: nn.Module, requested: str = "auto", embedding_type: str |
         plan.jobs.append(job)
     biases = [job.layer for job in plan.jobs if job.name.endswith(".bias")]
     if biases and arch.name == "llama":
-        plan.warnings.append(f"{len(biases)} layers have biases (e.g. {biases[0]}): llama.cpp reads them, but "
-                             "transformers' GGUF loader does not (its llama config has no bias flags).")
+        plan.transformers_drops = (f"{len(biases)} layers have biases (e.g. {biases[0]}): llama.cpp reads these "
+                                   "bias tensors, transformers' GGUF loader drops them (its llama config has no "
+                                   "bias flags)")
+        plan.warnings.append(plan.transformers_drops + ".")
     return plan
 
 
@@ -163,6 +166,7 @@ def plan_summary(plan: ExportPlan) -> dict[str, Any]:
         "quantized_at_export": plan.names(QUANTIZED),
         "bits_per_weight": round(plan.bits_per_weight, 3),
         "warnings": list(plan.warnings),
+        "transformers_drops": plan.transformers_drops,
         "advice": advice(plan),
         "details": details(plan),
     }

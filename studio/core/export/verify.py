@@ -24,9 +24,9 @@ LLAMA_CPP = "llama.cpp (llama-cpp-python)"
 TRANSFORMERS_GGUF = "transformers (GGUF loader)"
 
 
-def consumer_loaders(format_id: str, path: Path) -> dict[str, Any]:
+def consumer_loaders(format_id: str, path: Path, written: dict[str, Any]) -> dict[str, Any]:
     """{loader name: function returning the reloaded model, or the reason it cannot check this export} for the
-    export at `path` (a folder or a .gguf)."""
+    export at `path` (a folder or a .gguf); `written` is the writer's summary."""
     if format_id == "hf-safetensors":
         return {"transformers": lambda: _plain_transformers(path)}
     if format_id == "compressed-tensors":
@@ -35,21 +35,21 @@ def consumer_loaders(format_id: str, path: Path) -> dict[str, Any]:
         return {"transformers + compressed-tensors": lambda: load_compressed_tensors(path)}
     if format_id == "gguf":
         from studio.core.export import gguf_file
-        from studio.core.export.gguf_check import llama_cpp_available, what_transformers_drops
+        from studio.core.export.gguf_check import llama_cpp_available
 
         file = path if path.suffix == ".gguf" else next(path.glob("*.gguf"))
         loaders: dict[str, Any] = {}
-        dropped = what_transformers_drops(file)
-        loaders[TRANSFORMERS_GGUF] = dropped or (lambda: gguf_file.load_gguf_with_transformers(file))
+        loaders[TRANSFORMERS_GGUF] = written.get("transformers_drops") or (lambda: gguf_file.load_gguf_with_transformers(file))
         loaders[LLAMA_CPP] = (lambda: gguf_file.LlamaCppLogits(file)) if llama_cpp_available() else \
             "llama-cpp-python is not installed (pip install -e \".[llama]\")"
         return loaders
     raise ExportError(f"No loader to verify format '{format_id}'.")
 
 
-def verify_export(model: nn.Module, tokenizer: Any, format_id: str, path: Path, config: PerplexityConfig,
-                  cancel=None) -> dict[str, Any]:
-    """Perplexity of the model in memory and of each consumer's reload of `path` on the same tokens."""
+def verify_export(model: nn.Module, tokenizer: Any, format_id: str, path: Path, written: dict[str, Any],
+                  config: PerplexityConfig, cancel=None) -> dict[str, Any]:
+    """Perplexity of the model in memory and of each consumer's reload of `path` (whose writer returned the
+    summary `written`) on the same tokens."""
     from studio.core.evaluation.perplexity import load_eval_tokens, perplexity
 
     tokens = load_eval_tokens(tokenizer, config)
@@ -57,7 +57,7 @@ def verify_export(model: nn.Module, tokenizer: Any, format_id: str, path: Path, 
     result: dict[str, Any] = {"text": Path(config.text_file).name, "tokens": int(tokens.numel()),
                               "window": config.window, "stride": config.stride, "in_memory": in_memory,
                               "reloaded": {}, "not_checked": {}}
-    for name, load in consumer_loaders(format_id, path).items():
+    for name, load in consumer_loaders(format_id, path, written).items():
         if isinstance(load, str):
             result["not_checked"][name] = load
             continue
