@@ -7,7 +7,8 @@ Every configuration runs in a fresh process (`--worker NAME`), so its peak RSS i
 to the end of compression: the model, the runtime and what the method adds. Evaluation happens afterwards in the
 same worker: perplexity on WikiText-2 test (window 1024, stride 1024, BOS at each window start), KL divergence
 and top-1 agreement against the original on its first 4,096 tokens. Structural methods are also exported,
-reloaded with plain transformers and evaluated again.
+reloaded with plain transformers and evaluated again; low-rank ones are saved factored and reloaded by the studio,
+and exported dense and reloaded by transformers.
 """
 
 from __future__ import annotations
@@ -60,8 +61,13 @@ CONFIGS: dict[str, list[dict]] = {
     "sparsegpt-2:4": [{"method": "sparsegpt", "params": {"sparsity": 0.5, "pattern": "2:4"}}],
     "structured-mlp20": [{"method": "structured", "params": {"mlp_ratio": 0.2}}],
     "layer-drop-4": [{"method": "layer_drop", "params": {"blocks": 4}}],
+    "svd-20": [{"method": "svd", "params": {"ratio": 0.2}}],
+    "asvd-20": [{"method": "asvd", "params": {"ratio": 0.2}}],
+    "svd-llm-20": [{"method": "svd_llm", "params": {"ratio": 0.2}}],
+    "gqa-kv1": [{"method": "gqa", "params": {"kv_heads": 1}}],
 }
-STRUCTURAL = {"structured-mlp20", "layer-drop-4"}
+STRUCTURAL = {"structured-mlp20", "layer-drop-4", "gqa-kv1"}
+LOW_RANK = {"svd-20", "asvd-20", "svd-llm-20"}  # saved factored (the studio reloads it) and dense (transformers)
 
 
 def peak_rss_bytes() -> int:
@@ -113,6 +119,9 @@ def worker(name: str, args) -> dict:
     row.update(seconds=step["seconds"], peak_rss_bytes=peak_rss_bytes(),
                parameters=result.report["size_after"]["parameters"],
                compressed_mib=result.report["size_after"]["compressed_bytes"] / MiB)
+    summary = step["summary"]
+    if "parameter_reduction" in summary:  # of the targeted decoder Linear layers
+        row["linear_parameter_reduction"] = summary["parameter_reduction"]
     quality = perplexity(result.model, eval_tokens, config, loaded.tokenizer)
     # KL needs the original's logits beside the model's: measured on the first KL_TOKENS to halve the time
     kl_tokens = eval_tokens[:KL_TOKENS]
@@ -129,6 +138,20 @@ def worker(name: str, args) -> dict:
             reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
             row["reloaded_parameters"] = sum(p.numel() for p in reloaded.parameters())
             row["reloaded_perplexity"] = perplexity(reloaded, eval_tokens, config, loaded.tokenizer).perplexity
+    if name in LOW_RANK:
+        from transformers import AutoModelForCausalLM
+
+        from studio.core.export import export_hf_folder, export_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = export_hf_folder(result.model, loaded.tokenizer, Path(tmp) / "factored", recipe=recipe,
+                                      report=result.report)
+            factored = load_model(folder).model
+            row["reloaded_parameters"] = sum(p.numel() for p in factored.parameters())
+            row["reloaded_perplexity"] = perplexity(factored, eval_tokens, config, loaded.tokenizer).perplexity
+            dense = export_model(result.model, loaded.tokenizer, Path(tmp) / "dense").path
+            plain = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+            row["dense_reloaded_perplexity"] = perplexity(plain, eval_tokens, config, loaded.tokenizer).perplexity
     return row
 
 
@@ -197,6 +220,11 @@ def main() -> int:
           f"{args.tokens} tokens, window 1024, stride 1024; KL on the first {KL_TOKENS} tokens")
     print(table(rows))
     for r in rows:
+        if "linear_parameter_reduction" in r:
+            dense = f", dense export reloaded by transformers {r['dense_reloaded_perplexity']:.3f}" \
+                if "dense_reloaded_perplexity" in r else ""
+            print(f"{r['name']}: the decoder's Linear layers hold {r['linear_parameter_reduction']:.2%} fewer "
+                  f"parameters{dense}")
         if "vs_forward" in r:
             print(f"{r['name']}: {r['vs_forward']['time']:.2f} x the forward pass's time, "
                   f"{r['vs_forward']['peak_rss']:.2f} x its peak RSS")

@@ -143,3 +143,46 @@ def test_console_entry_point_runs_as_a_program(tmp_path):
     assert proc.returncode == EXIT_BAD_INPUT and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "studio", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "compression-studio" in proc.stdout
+
+
+def test_a_low_rank_run_reloads_factored_and_exports_dense(capsys, tiny_folder, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from studio.core.factored import FACTORED_FILE, low_rank_layers
+    from studio.core.loading import load_model
+
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "run", "svd-llm-20", "--model", tiny_folder, "--out", run_dir, "--calib-text",
+                       text_file, "--calib-samples", 4, "--calib-seq-len", 16)
+    assert code == 0, err
+    assert (run_dir / FACTORED_FILE).is_file()
+    factored = load_model(str(run_dir)).model
+    assert len(low_rank_layers(factored)) == 3 * 7
+    code, out, _ = run(capsys, "export", run_dir, "--advice")
+    assert code == 0 and "multiplied back into dense weights" in out
+    code, _, err = run(capsys, "export", run_dir, "--format", "hf-safetensors", "--out", tmp_path / "dense",
+                       "--eval-text", text_file, "--tokens", 200, "--window", 64, "--stride", 64)
+    assert code == 0, err
+    assert not low_rank_layers(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"))
+
+
+def test_distillation_and_dynamic_steps_run_from_a_recipe_file(capsys, tiny_folder, text_file, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "schema_version: 2\n"
+        f"calibration: {{text_file: {text_file}, samples: 6, seq_len: 24}}\n"
+        "steps:\n"
+        "  - {method: magnitude, params: {sparsity: 0.5}}\n"
+        "  - {method: distill, params: {steps: 2, batch_size: 2, seq_len: 16, eval_every: 1}}\n"
+        "  - {method: early_exit, params: {thresholds: '0.5,1.0', tokens: 64, prompts: 1, prompt_tokens: 8, "
+        "max_new_tokens: 4}}\n"
+        "  - {method: self_speculative, params: {skip_blocks: 1, draft_tokens: 2, prompts: 1, prompt_tokens: 8, "
+        "max_new_tokens: 6}}\n")
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "run", recipe, "--model", tiny_folder, "--out", out_dir, "--json")
+    assert code == 0, err
+    steps = json.loads(out)["steps"]
+    assert [s["method"] for s in steps] == ["magnitude", "distill", "early_exit", "self_speculative"]
+    assert len(steps[1]["summary"]["loss_curve"]) == 2
+    assert steps[3]["summary"]["identical_to_greedy"] is True
+    assert (out_dir / "model.safetensors").exists()

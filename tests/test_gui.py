@@ -160,13 +160,25 @@ def test_edit_menu_undoes_pipeline_edits(qtbot, window):
 # --- the pipeline editor ------------------------------------------------------------------------------------
 
 
-def test_palette_groups_methods_by_family_and_greys_empty_ones(editor):
+def test_palette_groups_methods_by_family(editor):
     tree = editor.palette.tree
     heads = [tree.topLevelItem(i).text(0) for i in range(tree.topLevelItemCount())]
-    assert heads[0] == "Quantization" and heads[1] == "Pruning"
-    assert any("coming" in h for h in heads[2:])
+    assert heads == ["Quantization", "Pruning", "Knowledge distillation", "Compact architecture / low-rank",
+                     "Dynamic networks"]  # every family has methods, none is greyed as coming
+    assert all(tree.topLevelItem(i).childCount() for i in range(len(heads)))
     editor.palette.search.setText("prun")
     assert tree.topLevelItem(0).isHidden() and not tree.topLevelItem(1).isHidden()
+
+
+@pytest.mark.parametrize("method_id, field, value", [("svd_llm", "rank_rule", "parameter_ratio"), ("gqa", "kv_heads", 1),
+                                                      ("distill", "loss", "forward_kl"),
+                                                      ("early_exit", "thresholds", None),
+                                                      ("self_speculative", "draft_tokens", None)])
+def test_the_other_families_build_steps_from_the_palette(qtbot, editor, method_id, field, value):
+    _double_click_method(qtbot, editor, method_id)
+    assert [s.method for s in editor.recipe().steps] == [method_id]
+    form_value = editor.inspector.field(field).value()
+    assert form_value is not None and (value is None or form_value == value)
 
 
 def test_double_click_adds_a_step_and_an_invalid_value_is_marked_then_undone(qtbot, editor):

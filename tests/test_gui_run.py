@@ -111,6 +111,27 @@ def test_a_run_reports_its_signals_in_order_and_feeds_the_charts(qtbot, controll
     assert charts.memory_samples() == count
 
 
+def test_a_distillation_step_draws_its_loss_curve_live(qtbot, controller, tiny_loaded, text_file):
+    from studio.gui.charts import LiveCharts
+
+    charts = LiveCharts()
+    qtbot.addWidget(charts)
+    charts.attach(controller)
+    recipe = parse_recipe({"schema_version": 2,
+                           "calibration": {"text_file": str(text_file), "samples": 6, "seq_len": 16},
+                           "steps": [{"method": "magnitude", "params": {"sparsity": 0.5}},
+                                     {"method": "distill", "params": {"steps": 4, "batch_size": 2, "seq_len": 8,
+                                                                      "eval_every": 2}}]})
+    with qtbot.waitSignal(controller.finished, timeout=WAIT_MS) as blocker:
+        controller.start(recipe, tiny_loaded, None)
+    result = blocker.args[0]
+    assert result.status == "finished", result.error
+    curve = result.report["steps"][1]["summary"]["loss_curve"]
+    assert [loss for _, loss in charts.training_losses()] == pytest.approx(curve)
+    charts.redraw()
+    assert charts.layer_plot.plotItem.titleLabel.text.startswith("Distillation loss")
+
+
 def test_cancel_mid_run_leaves_the_original_untouched(qtbot, controller, tiny_loaded, text_file, slow_rtn):
     prints = fingerprint(tiny_loaded.model)
     seen = record_signals(controller)

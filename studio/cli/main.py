@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF tensor type; auto keeps the studio's own codes where a GGUF block holds them")
     p.add_argument("--embedding-bits", type=int, choices=[8, 16], default=8,
                    help="compressed-tensors: store the token embedding int8 per row (8, default) or as it is (16)")
+    p.add_argument("--keep-factors", action="store_true",
+                   help="hf-safetensors: keep low-rank layers factored (only the studio loads it) instead of dense")
     p.add_argument("--advice", action="store_true", help="only say which formats fit the model and what they cost")
     p.add_argument("--force", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     _eval_options(p, "--eval-text")
@@ -474,7 +476,8 @@ def cmd_export(args) -> int:
     if args.advice:
         return EXIT_OK
     options = {"type": args.gguf_type} if args.format == "gguf" else \
-        {"embedding_bits": None if args.embedding_bits == 16 else 8} if args.format == "compressed-tensors" else {}
+        {"embedding_bits": None if args.embedding_bits == 16 else 8} if args.format == "compressed-tensors" else \
+        {"keep_factors": args.keep_factors}
     started = time.perf_counter()
     result = export_model(loaded.model, loaded.tokenizer, out, format=args.format, options=options, recipe=recipe,
                           report=report, source=loaded.source, force=args.force, verify=config)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch loads lazily: the window must open fast
     import torch
     from torch import nn
+
+    from studio.core.evaluation.perplexity import PerplexityConfig
 
 from studio.core.calibration import CalibrationData, layerwise
 from studio.core.errors import RecipeError
@@ -16,6 +18,14 @@ from studio.core.events import CancelToken, EventCallback, Metric, Progress, War
 from studio.core.registry import LayerReport
 from studio.core.state import compression_state, update_record
 from studio.core.structure import set_weight_matrix, weight_matrix
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The evaluation tokens the run scores every step on, and how (window, stride)."""
+
+    tokens: torch.Tensor  # (1, n) token ids
+    config: PerplexityConfig
 
 
 @dataclass
@@ -27,6 +37,9 @@ class StepContext:
     cancel: CancelToken
     reports: list[LayerReport] = field(default_factory=list)
     calibration: CalibrationData | None = None  # set by the runner for methods that need calibration
+    teacher: nn.Module | None = None  # the loaded original, read-only: distillation's teacher, a reference
+    tokenizer: Any = None
+    evaluation: Evaluation | None = None  # the run's evaluation text, when it has one
 
     def layerwise(self, all_blocks: bool = False):
         """The layer-wise calibration engine over this step's targets (see studio.core.calibration)."""

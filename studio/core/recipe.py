@@ -215,19 +215,19 @@ def check_calibration(steps: list[ValidatedStep], calibration: CalibrationSettin
 
 def check_against_model(steps: list[ValidatedStep], model: nn.Module, where: str = "recipe") -> None:
     """Checks that need the model: targets that match nothing, shapes a method cannot handle."""
-    problems = []
-    for vs in steps:
-        layers = target_layers(model, vs.step.targets)
-        if not layers:
-            problems.append(
-                f"{where}, {vs.label}: the targets {list(vs.step.targets.include)} match no linear layer of "
-                "the decoder blocks."
-            )
-            continue
-        problems += [f"{where}, {vs.label}: {p}" for p in vs.method.check(layers, vs.params)]
-        problems += [f"{where}, {vs.label}: {p}" for p in vs.method.check_model(model, vs.params)]
+    problems = [p for vs in steps for p in step_problems(vs, model, where)]
     if problems:
         raise RecipeError("\n".join(problems))
+
+
+def step_problems(vs: ValidatedStep, model: nn.Module, where: str = "recipe") -> list[str]:
+    """One step's checks against the model as it is (the runner repeats them before the step runs, when earlier
+    steps may have changed the shapes: low-rank factors, pruned channels)."""
+    layers = target_layers(model, vs.step.targets)
+    if not layers:
+        return [f"{where}, {vs.label}: the targets {list(vs.step.targets.include)} match no linear layer of the "
+                "decoder blocks."]
+    return [f"{where}, {vs.label}: {p}" for p in vs.method.check(layers, vs.params) + vs.method.check_model(model, vs.params)]
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

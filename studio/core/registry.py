@@ -86,6 +86,7 @@ class LayerReport:
     bits: int | None = None
     group_size: int | None = None
     parameters: int | None = None
+    rank: int | None = None  # low-rank factorization: the rank kept (None: left dense)
 
 
 @dataclass

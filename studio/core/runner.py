@@ -13,8 +13,8 @@ from torch import nn
 
 from studio.core.calibration import CalibrationData, load_calibration_tokens
 from studio.core.clone import clone_sharing_weights
-from studio.core.context import StepContext
-from studio.core.errors import Cancelled, StudioError
+from studio.core.context import Evaluation, StepContext
+from studio.core.errors import Cancelled, RecipeError, StudioError
 from studio.core.evaluation.perplexity import PerplexityConfig, load_eval_tokens, perplexity
 from studio.core.evaluation.size import size_report
 from studio.core.events import (
@@ -32,7 +32,14 @@ from studio.core.events import (
 )
 from studio.core.loading import LoadedModel
 from studio.core.memory import PeakRSS, rss_bytes
-from studio.core.recipe import Recipe, ValidatedStep, check_against_model, check_calibration, validate_recipe
+from studio.core.recipe import (
+    Recipe,
+    ValidatedStep,
+    check_against_model,
+    check_calibration,
+    step_problems,
+    validate_recipe,
+)
 from studio.core.registry import Estimate
 from studio.core.structure import target_layers
 
@@ -114,8 +121,12 @@ def run_recipe(
         for n, vs in enumerate(steps):
             index = vs.index
             events(StepStarted(index, vs.step.method, len(steps), n))
+            if n > 0 and (problems := step_problems(vs, model, f"{where} (after step {steps[n - 1].index + 1})")):
+                raise RecipeError("\n".join(problems))
             layers = target_layers(model, vs.step.targets)
-            ctx = StepContext(model, layers, index, events, cancel, calibration=calibration)
+            ctx = StepContext(model, layers, index, events, cancel, calibration=calibration, teacher=original,
+                              tokenizer=loaded.tokenizer,
+                              evaluation=None if tokens is None else Evaluation(tokens, eval_config))
             begin = time.perf_counter()
             rss_before = rss_bytes()
             with PeakRSS() as peak:

@@ -49,6 +49,12 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     module.weight.data = w.to(module.weight.dtype)
 
 
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path` (dotted, relative to `root`) in place of what is there."""
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
 def in_out_features(module: nn.Module) -> tuple[int, int]:
     out_f, in_f = weight_matrix(module).shape
     return in_f, out_f

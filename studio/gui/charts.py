@@ -21,6 +21,7 @@ MIB = 1024 * 1024
 SAMPLE_MS = 250
 REDRAW_MS = 66
 ACCURACY_METRICS = ("perplexity", "kl")
+TRAINING_LOSS = "distill_loss"
 
 
 class Series:
@@ -89,6 +90,7 @@ class LiveCharts(QWidget):
         self._layer_method = ""
         self._layer_names: list[str] = []
         self._layer_errors = Series(256)
+        self._training_loss = Series(256)  # a distillation step's loss per training step
         self._dirty: set[str] = set()
         self._build()
 
@@ -118,6 +120,7 @@ class LiveCharts(QWidget):
         self.layer_plot = _plot("Per-layer error", "relative error", "layer (in order)")
         self._layer_bars = pg.BarGraphItem(x=[], height=[], width=0.8, brush="#d62728")
         self.layer_plot.addItem(self._layer_bars)
+        self._loss_curve = self.layer_plot.plot([], [], pen=pg.mkPen("#9467bd", width=2), symbol="o", symbolSize=4)
 
         self.accuracy_plot = _plot("Accuracy", "perplexity", "step (0 = original)")
         self.accuracy_plot.addLegend(offset=(5, 5))
@@ -200,6 +203,11 @@ class LiveCharts(QWidget):
             self._layer_names.append(metric.layer or "")
             self._layer_errors.append(len(self._layer_names) - 1, metric.value)
             self._dirty.add("layers")
+        elif metric.name == TRAINING_LOSS:  # a distillation step shows its loss curve where layer errors go
+            if metric.index != self._layer_step:
+                self._start_layer_chart(metric.index, "")
+            self._training_loss.append(self._training_loss.size + 1, metric.value)
+            self._dirty.add("layers")
         elif metric.name in ACCURACY_METRICS:
             series = self._ppl if metric.name == "perplexity" else self._kl
             series.append(_step_x(metric.index), metric.value)
@@ -241,9 +249,14 @@ class LiveCharts(QWidget):
         if "size" in dirty:
             self._size_curve.setData(self._size.x, self._size.y)
         if "layers" in dirty:
-            self._layer_bars.setOpts(x=self._layer_errors.x, height=self._layer_errors.y, width=0.8)
+            training = self._training_loss.size > 0  # a distillation step: its loss curve, not its weight changes
+            errors = Series(0) if training else self._layer_errors
+            self._layer_bars.setOpts(x=errors.x, height=errors.y, width=0.8)
+            self._loss_curve.setData(self._training_loss.x, self._training_loss.y)
             step = f"step {self._layer_step + 1} {self._layer_method}".strip() if self._layer_step is not None else ""
-            self.layer_plot.setTitle(f"Per-layer error {step}".strip())
+            self.layer_plot.setTitle(f"{'Distillation loss' if training else 'Per-layer error'} {step}".strip())
+            self.layer_plot.setLabel("left", "loss" if training else "relative error")
+            self.layer_plot.setLabel("bottom", "training step" if training else "layer (in order)")
         if "accuracy" in dirty:
             self._ppl_curve.setData(self._ppl.x, self._ppl.y)
             self._kl_curve.setData(self._kl.x, self._kl.y)
@@ -261,6 +274,10 @@ class LiveCharts(QWidget):
     def step_marks(self) -> list[tuple[int, str, float]]:
         """(step index, method, seconds since the first sample) per marked step."""
         return list(self._marks)
+
+    def training_losses(self) -> list[tuple[float, float]]:
+        """(training step, loss) of the distillation step the chart follows."""
+        return list(zip(self._training_loss.x.tolist(), self._training_loss.y.tolist()))
 
     def size_points(self) -> list[tuple[float, float]]:
         """(step x, compressed MiB) with x = 0 for the original and i + 1 for step i."""
@@ -285,4 +302,5 @@ class LiveCharts(QWidget):
         self._layer_step, self._layer_method = index, method
         self._layer_names.clear()
         self._layer_errors.clear()
+        self._training_loss.clear()
         self._dirty.add("layers")

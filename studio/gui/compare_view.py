@@ -37,7 +37,7 @@ from studio.gui.theme import follow_palette
 
 MIB = 1024 * 1024
 SUMMARY_COLUMNS = ("", "Before", "After", "Change")
-LAYER_COLUMNS = ("Layer", "Step", "Error", "Sparsity", "Bits", "Group size", "Parameters")
+LAYER_COLUMNS = ("Layer", "Step", "Error", "Sparsity", "Bits", "Group size", "Rank", "Parameters")
 
 Row = tuple[str, Any, Any, Callable[[Any], str]]  # label, before, after, format
 
@@ -370,6 +370,7 @@ class CompareView(QWidget):
                 _cell(layer.get("sparsity"), _percent),
                 _cell(layer.get("bits")),
                 _cell(layer.get("group_size"), lambda v: "per channel" if v == 0 else str(v)),
+                _cell(layer.get("rank")),
                 _cell(layer.get("parameters"), _count),
             )
             for c, item in enumerate(cells):

@@ -46,7 +46,14 @@ from studio.core.errors import RecipeError
 from studio.core.events import Metric
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
 from studio.core.state import compression_state
-from studio.core.structure import find_decoder_blocks, in_out_features, is_linear, iter_layers, weight_matrix
+from studio.core.structure import (
+    find_decoder_blocks,
+    in_out_features,
+    is_linear,
+    iter_layers,
+    set_submodule,
+    weight_matrix,
+)
 
 # The attention output projection of Llama/Qwen2/Gemma/Mistral (o_proj), OPT (out_proj) and GPT-2 (c_proj).
 OUTPUT_PROJECTION_NAMES = ("o_proj", "out_proj", "c_proj")
@@ -229,11 +236,6 @@ def new_linear(like: nn.Module, w: torch.Tensor, bias: torch.Tensor | None) -> n
     layer.weight = nn.Parameter(weight, requires_grad=grad)
     layer.bias = None if bias is None else nn.Parameter(bias.to(like.weight.dtype).contiguous(), requires_grad=grad)
     return layer.train(like.training)
-
-
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def slice_layer(layer: nn.Module, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None,

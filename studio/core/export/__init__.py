@@ -67,8 +67,15 @@ def export_model(
     module_name, function = fmt.writer.split(":")
     writer = getattr(importlib.import_module(f"studio.core.export.{module_name}"), function)
     provenance = build_provenance(fmt.id, recipe, report, source)
+    written_model = model
+    if fmt.id != "hf-safetensors":  # no other format has low-rank layers: the factors are multiplied out
+        from studio.core.factored import densified
+
+        written_model = densified(model)
     with staging_folder(out) as tmp:
-        written = writer(model, tokenizer, tmp, provenance, cancel, **(options or {}))
+        written = writer(written_model, tokenizer, tmp, provenance, cancel, **(options or {}))
+        if written_model is not model:
+            written["low_rank"] = "low-rank layers multiplied back into dense weights before writing"
         if cancel is not None:
             cancel.check()
         full_report = dict(report or {})
@@ -92,8 +99,10 @@ def export_model(
 
 def export_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike, *, recipe: Recipe | None = None,
                      report: dict[str, Any] | None = None, force: bool = False) -> Path:
-    """The dense Hugging Face folder (what `studio run --out` writes)."""
-    return export_model(model, tokenizer, out, recipe=recipe, report=report, force=force).path
+    """The Hugging Face folder `studio run --out` writes: dense, or the studio's factored form for a model with
+    low-rank layers, so the run's result reloads with its parameters really reduced."""
+    return export_model(model, tokenizer, out, options={"keep_factors": True}, recipe=recipe, report=report,
+                        force=force).path
 
 
 def export_summary(path: str | os.PathLike, export: dict[str, Any] | None = None) -> dict[str, Any]:

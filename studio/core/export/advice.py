@@ -30,6 +30,9 @@ def model_state_summary(model: nn.Module) -> str:
                     + (" sym" if r.quant.symmetric else " asym") for r in state.values() if r.quant is not None)
     sparse = Counter(r.sparsity_pattern or "unstructured" for r in state.values() if r.mask is not None)
     parts = []
+    factored = _low_rank_count(model)
+    if factored:
+        parts.append(f"{factored} layers low-rank factored")
     if quant:
         parts.append(f"{sum(quant.values())} layers quantized (" + ", ".join(f"{k} ×{n}" for k, n in quant.items()) + ")")
     if sparse:
@@ -44,7 +47,23 @@ def format_advice(model: nn.Module, gguf_type: str = "auto", formats: tuple[str,
 
     advisers = {"hf-safetensors": _dense_advice, "compressed-tensors": _compressed_tensors_advice,
                 "gguf": lambda m: _gguf_advice(m, gguf_type)}
+    factored = _low_rank_count(model)
+    if factored:  # the writers see the model with its factors multiplied out, and so does the advice
+        from studio.core.factored import densified
+
+        dense = densified(model)
+        note = (f"{factored} low-rank layers are multiplied back into dense weights, so their parameter saving is "
+                "not kept; only the studio's own factored folder (hf-safetensors with --keep-factors) keeps it.")
+        advice = [advisers[f.id](model if f.id == "hf-safetensors" else dense) for f in EXPORT_FORMATS
+                  if formats is None or f.id in formats]
+        return [FormatAdvice(a.format, a.usable, a.summary, [note, *a.details]) for a in advice]
     return [advisers[f.id](model) for f in EXPORT_FORMATS if formats is None or f.id in formats]
+
+
+def _low_rank_count(model: nn.Module) -> int:
+    from studio.core.factored import low_rank_layers
+
+    return len(low_rank_layers(model))
 
 
 def _dense_advice(model: nn.Module) -> FormatAdvice:
