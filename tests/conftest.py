@@ -33,6 +33,16 @@ def _isolated_cache(tmp_path_factory):
     os.environ["STUDIO_DATA_DIR"] = str(tmp_path_factory.mktemp("studio-data"))
 
 
+@pytest.fixture(autouse=True)
+def _automatic_garbage_collection():
+    """The window turns Python's automatic collection off while workers run and collects on the GUI thread's
+    timer (studio.gui.collector); the tests after a GUI test spin no event loop, so they get it back."""
+    import gc
+
+    yield
+    gc.enable()
+
+
 def tiny_config(kind: str):
     from transformers import GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 

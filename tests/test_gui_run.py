@@ -1,6 +1,7 @@
 """The run controller, live charts and compare view on a tiny model: signals in order, cancel, failure,
 and an event loop that keeps ticking while the run goes."""
 
+import threading
 import time
 
 import pytest
@@ -240,3 +241,27 @@ def test_the_event_loop_keeps_ticking_while_a_run_goes(qtbot, controller, tiny_l
     timer.stop()
     assert time.perf_counter() - started > 0.3  # long enough to measure
     assert len(gaps) > 10 and max(gaps) < 0.5
+
+
+def test_workers_never_run_the_cycle_collector(qtbot, controller, tiny_loaded):
+    """A collection in a worker would destroy Qt objects there (a deadlock seen in CI); the GUI thread collects."""
+    import gc
+
+    collected_in = []
+
+    def note_thread(phase, info):
+        if phase == "start":
+            collected_in.append(threading.current_thread() is threading.main_thread())
+
+    gc.callbacks.append(note_thread)
+    try:
+        with qtbot.waitSignal(controller.finished, timeout=WAIT_MS):
+            controller.start(parse_recipe(TWO_STEPS), tiny_loaded)
+            assert not gc.isenabled()
+        for _ in range(2 * gc.get_threshold()[0]):  # cycles only the collector frees, past its first threshold
+            cycle = [[]]
+            cycle[0].append(cycle)
+        qtbot.waitUntil(lambda: bool(collected_in), timeout=5_000)
+    finally:
+        gc.callbacks.remove(note_thread)
+    assert collected_in and all(collected_in)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import QObject, QRunnable, Qt, QThreadPool, Signal, Slot
 
 from studio.core import events as ev
+from studio.gui.collector import collect_in_gui_thread
 
 if TYPE_CHECKING:  # the runner (and torch) load with the first run, so the window opens fast
     from studio.core.evaluation.perplexity import PerplexityConfig
@@ -113,6 +114,7 @@ class RunController(QObject):
         self._task = _RunTask(self._run_id, self._relay, recipe, loaded, eval_config, self._token)
         self._timing = _Timing()
         self._set_running(True)
+        collect_in_gui_thread()
         self._pool.start(self._task)
 
     def cancel(self) -> None:

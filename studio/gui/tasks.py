@@ -67,6 +67,9 @@ class Task(QRunnable):
             self.work = None
 
     def start(self) -> "Task":
+        from studio.gui.collector import collect_in_gui_thread
+
+        collect_in_gui_thread()
         QThreadPool.globalInstance().start(self)
         return self
 
