@@ -186,3 +186,36 @@ def test_distillation_and_dynamic_steps_run_from_a_recipe_file(capsys, tiny_fold
     assert len(steps[1]["summary"]["loss_curve"]) == 2
     assert steps[3]["summary"]["identical_to_greedy"] is True
     assert (out_dir / "model.safetensors").exists()
+
+
+def test_info_names_the_versions_and_the_device(capsys):
+    code, out, _ = run(capsys, "--info")
+    info = json.loads(out)
+    assert code == 0 and info["device"] == "cpu" and info["torch"].startswith("2.") and info["qt"].startswith("6.")
+
+
+def test_self_test_opens_the_window_runs_exports_and_reports(tmp_path):
+    import os
+
+    report = tmp_path / "report.json"
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    done = subprocess.run([sys.executable, "-m", "studio", "--self-test", "--report", str(report)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(report.read_text())
+    checks = result["checks"]
+    assert result["status"] == "passed" and checks["memory_samples"] >= 1 and checks["accuracy_points"] >= 1
+    assert checks["export_reload_max_logit_difference"] <= 1e-4 and checks["first_paint_seconds"] > 0
+
+
+def test_a_failing_self_test_exits_1_with_the_reason(qtbot, tmp_path, monkeypatch):
+    from studio.gui import self_test
+
+    def broken(folder):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(self_test, "write_tiny_model", broken)
+    report = tmp_path / "report.json"
+    assert self_test.run_self_test(str(report)) == 1
+    result = json.loads(report.read_text())
+    assert result["status"] == "failed" and "disk full" in result["reason"]

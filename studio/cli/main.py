@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"compression-studio {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     parser.add_argument("--model", help="(window) a model to open at start, e.g. 'sample'")
+    parser.add_argument("--info", action="store_true", help="print the versions of Qt, torch and transformers, and the device")
+    parser.add_argument("--self-test", action="store_true",
+                        help="open the window, run a one-step pipeline on a tiny model, export and reload it; exit 0 if all works")
+    parser.add_argument("--report", metavar="FILE", help="with --self-test: write its JSON report here")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="what a model is: architecture, parameters, bytes by dtype, layers")
@@ -106,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
+    if args.info:
+        print(json.dumps(_installation_info(), indent=2))
+        return EXIT_OK
+    if args.self_test:
+        from studio.gui.self_test import run_self_test
+
+        return run_self_test(args.report)
     if args.command is None:
         from studio.gui.app import run_app
 
@@ -127,6 +138,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+
+
+def _installation_info() -> dict:
+    import platform
+
+    import torch
+    import transformers
+    from PySide6 import __version__ as pyside_version
+    from PySide6.QtCore import qVersion
+
+    cuda = torch.cuda.is_available()
+    return {"compression_studio": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "qt": qVersion(), "pyside6": pyside_version, "torch": torch.__version__,
+            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "cuda": torch.version.cuda if cuda else None}
 
 
 def _configure_logging(verbose: bool) -> None:
