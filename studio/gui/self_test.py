@@ -48,8 +48,9 @@ def _wait(app: QApplication, done: Callable[[], bool], what: str, timeout_s: flo
         time.sleep(0.01)
 
 
-def write_tiny_model(folder: Path) -> None:
-    """A 2-block Llama built from a config and a byte-level BPE tokenizer, saved as a Hugging Face folder."""
+def write_tiny_model(folder: Path, blocks: int = 2, width: int = 64, vocab: int = 320, text: str = TEXT) -> Path:
+    """A random Llama built from a config, with a byte-level BPE tokenizer trained on `text`, saved as a Hugging
+    Face folder."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -57,16 +58,17 @@ def write_tiny_model(folder: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT], trainer)
+    tok.train_from_iterator([text], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=blocks,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
 
 
 def run_self_test(report_path: str | None = None) -> int:
