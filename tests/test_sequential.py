@@ -9,7 +9,7 @@ from greenlet import greenlet
 from torch import nn
 
 from conftest import ARCHS, calibration_tokens, tiny_model
-from studio.core.calibration import BlockPass, CalibrationData, _block_output, _BlockCall, layerwise
+from studio.core.calibration import BlockPass, CalibrationData, block_output, _BlockCall, layerwise
 from studio.core.errors import Cancelled
 from studio.core.events import CancelToken
 from studio.core.sequential import learn_stages
@@ -75,7 +75,7 @@ def test_each_stage_sees_the_inputs_the_compressed_stages_before_it_give(kind):
             reference_layers[name].weight.data = reference_layers[name].weight.data * 0.5
     staged = block._outputs
     with torch.no_grad():
-        again = [_block_output(block.block(h, *block._call.args[b], **block._call.kwargs[b]))
+        again = [block_output(block.block(h, *block._call.args[b], **block._call.kwargs[b]))
                  for b, h in enumerate(inputs)]
     torch.testing.assert_close(torch.cat(staged), torch.cat(again))  # the pass gave the compressed block's outputs
     assert block.outputs() is staged  # and they are reused, not computed again

@@ -173,7 +173,7 @@ def _hidden_and_rest(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, di
     return kwargs.pop("hidden_states"), (), kwargs
 
 
-def _block_output(output: Any) -> torch.Tensor:
+def block_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -278,7 +278,7 @@ class BlockPass:
             with torch.no_grad():
                 for b, h in enumerate(self.inputs):
                     self._cancel.check()
-                    outputs.append(_block_output(self.block(h, *self._call.args[b], **self._call.kwargs[b])))
+                    outputs.append(block_output(self.block(h, *self._call.args[b], **self._call.kwargs[b])))
         finally:
             for handle in handles:
                 handle.remove()

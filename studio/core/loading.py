@@ -199,10 +199,10 @@ def _load_tokenizer(where: Path | str, **kwargs) -> Any | None:
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool) -> LoadedModel:
-    from studio.core.state_file import STATE_FILE, restore_state
+    from studio.core.state_file import STATE_FILE
 
     if (folder / FACTORED_FILE).is_file():
-        return _load_factored_folder(folder, dtype, trust_remote_code)
+        return _with_records_and_tokenizer(_load_factored(folder, dtype, trust_remote_code), folder, trust_remote_code)
     safetensors = sorted(p for p in folder.glob("*.safetensors") if p.name != STATE_FILE)
     ggufs = sorted(folder.glob("*.gguf"))
     pickles = [p for s in PICKLE_SUFFIXES for p in folder.glob(f"*{s}")]
@@ -227,28 +227,29 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool, trust_rem
     model = _from_pretrained(
         folder, dtype, trust_remote_code=trust_remote_code, use_safetensors=bool(safetensors)
     )
+    return _with_records_and_tokenizer(model, folder, trust_remote_code)
+
+
+def _with_records_and_tokenizer(model: nn.Module, folder: Path, trust_remote_code: bool) -> LoadedModel:
+    from studio.core.state_file import restore_state
+
     for warning in restore_state(model, folder):  # the compression records a studio export saved
         log.warning("%s", warning)
     tokenizer = _load_tokenizer(folder, trust_remote_code=trust_remote_code)
     return LoadedModel(model, tokenizer, {"kind": "folder", "path": str(folder), "name": folder.name})
 
 
-def _load_factored_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
-    """A folder holding a low-rank factored model (studio.core.factored), with its records and tokenizer."""
+def _load_factored(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """A low-rank factored model (studio.core.factored)."""
     from studio.core.factored import load_factored
-    from studio.core.state_file import restore_state
 
     _check_safetensors([folder / FACTORED_FILE])
     try:
-        model = load_factored(folder, dtype, trust_remote_code)
+        return load_factored(folder, dtype, trust_remote_code)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     except Exception as exc:
         raise ModelLoadError(_explain_transformers_failure(folder / "config.json", exc, trust_remote_code)) from exc
-    for warning in restore_state(model, folder):
-        log.warning("%s", warning)
-    tokenizer = _load_tokenizer(folder, trust_remote_code=trust_remote_code)
-    return LoadedModel(model, tokenizer, {"kind": "folder", "path": str(folder), "name": folder.name})
 
 
 def _model_from_state_dict(folder: Path, state: dict, dtype: torch.dtype, trust_remote_code: bool, file: Path):

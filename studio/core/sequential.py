@@ -69,7 +69,7 @@ def run_in_stages(block_pass: BlockPass, stages: list[Stage], observe: StageObse
     import torch
     from greenlet import getcurrent, greenlet
 
-    from studio.core.calibration import _block_output
+    from studio.core.calibration import block_output
 
     first = {stage[0]: s for s, stage in enumerate(stages)}
     main = getcurrent()
@@ -85,7 +85,7 @@ def run_in_stages(block_pass: BlockPass, stages: list[Stage], observe: StageObse
 
     def run(b: int) -> torch.Tensor:
         call = block_pass._call
-        return _block_output(block_pass.block(block_pass.inputs[b], *call.args[b], **call.kwargs[b]))
+        return block_output(block_pass.block(block_pass.inputs[b], *call.args[b], **call.kwargs[b]))
 
     batches = [greenlet(lambda b=b: run(b)) for b in range(len(block_pass.inputs))]
     outputs: list[torch.Tensor | None] = [None] * len(batches)

@@ -49,6 +49,12 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     module.weight.data = w.to(module.weight.dtype)
 
 
+def text_config(model: nn.Module):
+    """The language model's config (the text part of a multimodal config)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     """Put `module` at `path` (dotted, relative to `root`) in place of what is there."""
     parent, _, leaf = path.rpartition(".")

@@ -21,16 +21,12 @@ if TYPE_CHECKING:  # imported when used, so listing the methods does not load to
 
     from studio.core.context import StepContext
 
-from studio.core.structure import find_decoder_blocks
+from studio.core.calibration import block_output as block_hidden
+from studio.core.structure import find_decoder_blocks, text_config
 
 
 class OutputHeadNotFound(ValueError):
     pass
-
-
-def text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -81,10 +77,6 @@ def find_output_head(model: nn.Module) -> OutputHead:
             f"cannot tell which norm {type(model).__name__} applies after its decoder blocks: the module holding "
             f"'{path}' has {found}.")
     return OutputHead(norms[0], head, softcap=getattr(text_config(model), "final_logit_softcapping", None))
-
-
-def block_hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def with_block_hidden(output: Any, hidden: torch.Tensor) -> Any:

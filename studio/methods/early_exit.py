@@ -43,7 +43,7 @@ from studio.core.context import StepContext
 from studio.core.errors import RecipeError
 from studio.core.events import Progress
 from studio.core.registry import Estimate, Family, Method, MethodParams, StepOutcome, register
-from studio.core.structure import find_decoder_blocks, iter_layers
+from studio.core.structure import find_decoder_blocks, iter_layers, text_config
 from studio.methods.decoding import (
     OutputHead,
     OutputHeadNotFound,
@@ -58,7 +58,6 @@ from studio.methods.decoding import (
     median_rate,
     model_device,
     patched_forwards,
-    text_config,
     timed,
     with_block_hidden,
 )

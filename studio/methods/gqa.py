@@ -25,15 +25,15 @@ from studio.core.errors import RecipeError
 from studio.core.events import Metric
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
 from studio.core.state import compression_state
-from studio.core.structure import find_decoder_blocks, iter_layers, set_submodule, weight_matrix
+from studio.core.structure import find_decoder_blocks, iter_layers, set_submodule, text_config, weight_matrix
 from studio.methods.structured import (
     changed_config,
     conform_to,
     model_heads,
     new_linear,
     rebuild_block,
+    parameter_count,
     shape_mismatches,
-    text_config,
 )
 
 KEY_VALUE_PROJECTIONS = ("k_proj", "v_proj")  # Llama, Qwen2, Gemma, Mistral, Phi-3 style separate projections
@@ -148,7 +148,7 @@ class GQAConversion(Method):
         heads = model_heads(config)
         new_config = changed_config(config, {"num_key_value_heads": params.kv_heads})
         decoder = find_decoder_blocks(ctx.model)
-        before = sum(p.numel() for p in set(ctx.model.parameters()))
+        before = parameter_count(ctx.model)
         for index, _ in ctx.blocks():
             block = decoder.blocks[index]
             for name, (old, new) in convert_block(block, params.kv_heads, heads.head_dim).items():
@@ -166,7 +166,7 @@ class GQAConversion(Method):
             if mismatches:
                 raise RuntimeError(f"block {index} does not match its new config: {mismatches[:3]}")
         config.num_key_value_heads = params.kv_heads
-        after = sum(p.numel() for p in set(ctx.model.parameters()))
+        after = parameter_count(ctx.model)
         blocks = len(decoder.blocks)
         cache_before = cache_bytes_per_token(blocks, heads.kv_heads, heads.head_dim)
         cache_after = cache_bytes_per_token(blocks, params.kv_heads, heads.head_dim)

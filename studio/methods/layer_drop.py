@@ -29,7 +29,7 @@ from studio.core.context import StepContext
 from studio.core.errors import RecipeError
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
 from studio.core.state import compression_state
-from studio.core.structure import find_decoder_blocks, iter_layers
+from studio.core.structure import find_decoder_blocks, iter_layers, text_config
 
 from studio.core.calibration import CPU_FLOPS_PER_SECOND, DEFAULT_CALIBRATION_TOKENS
 # GPT-2 can scale attention by 1/(layer_idx + 1), fixed when a block is built: renumbered blocks would change.
@@ -92,11 +92,6 @@ def drop_blocks(model: nn.Module, removed: list[int]) -> dict:
     lists = shorten_per_layer_lists(model, before, removed)
     renamed, dropped = renumber_records(model, decoder.path, before, removed)
     return {"config_lists": lists, "records_renamed": renamed, "records_dropped": dropped}
-
-
-def text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def shorten_per_layer_lists(model: nn.Module, before: int, removed: list[int]) -> list[str]:

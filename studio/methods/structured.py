@@ -52,6 +52,7 @@ from studio.core.structure import (
     is_linear,
     iter_layers,
     set_submodule,
+    text_config,
     weight_matrix,
 )
 
@@ -331,11 +332,6 @@ def shape_mismatches(block: nn.Module, reference: nn.Module) -> list[str]:
 
 
 # --- the plan: widths, config changes, and whether the config can describe them ---------------------------
-
-
-def text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def model_heads(config) -> Heads:

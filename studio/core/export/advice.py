@@ -51,11 +51,11 @@ def format_advice(model: nn.Module, gguf_type: str = "auto", formats: tuple[str,
     if factored:  # the writers see the model with its factors multiplied out, and so does the advice
         from studio.core.factored import densified
 
-        dense = densified(model)
+        asked = [f.id for f in EXPORT_FORMATS if formats is None or f.id in formats]
+        dense = densified(model) if set(asked) - {"hf-safetensors"} else model  # the GUI thread: only when needed
         note = (f"{factored} low-rank layers are multiplied back into dense weights, so their parameter saving is "
                 "not kept; only the studio's own factored folder (hf-safetensors with --keep-factors) keeps it.")
-        advice = [advisers[f.id](model if f.id == "hf-safetensors" else dense) for f in EXPORT_FORMATS
-                  if formats is None or f.id in formats]
+        advice = [advisers[f](model if f == "hf-safetensors" else dense) for f in asked]
         return [FormatAdvice(a.format, a.usable, a.summary, [note, *a.details]) for a in advice]
     return [advisers[f.id](model) for f in EXPORT_FORMATS if formats is None or f.id in formats]
 

@@ -21,7 +21,9 @@ def write_hf_folder(model: nn.Module, tokenizer: Any, folder: Path, provenance: 
     """Dense weights for plain transformers; a model with low-rank layers is multiplied out, or, with
     `keep_factors`, written in the studio's factored form (studio.core.factored), which only the studio loads."""
     summary: dict[str, Any] = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-    factored = _factored_layers(model)
+    from studio.core.factored import low_rank_layers
+
+    factored = list(low_rank_layers(model))
     if factored and keep_factors:
         from studio.core.factored import FACTORED_FILE, save_factored
 
@@ -45,9 +47,3 @@ def write_hf_folder(model: nn.Module, tokenizer: Any, folder: Path, provenance: 
     if save_state(model, folder):
         summary["studio_state"] = f"{STATE_FILE}: the integer codes and masks, for a later `studio export`"
     return summary
-
-
-def _factored_layers(model: nn.Module) -> list[str]:
-    from studio.core.factored import low_rank_layers
-
-    return list(low_rank_layers(model))
