@@ -206,6 +206,8 @@ def test_self_test_opens_the_window_runs_exports_and_reports(tmp_path):
     checks = result["checks"]
     assert result["status"] == "passed" and checks["memory_samples"] >= 1 and checks["accuracy_points"] >= 1
     assert checks["export_reload_max_logit_difference"] <= 1e-4 and checks["first_paint_seconds"] > 0
+    assert checks["first_paint_since_launch_seconds"] >= checks["first_paint_seconds"] and checks["presets"] >= 1
+    assert result["installation"]["frozen"] is False and result["installation"]["executable"] == sys.executable
 
 
 def test_a_failing_self_test_exits_1_with_the_reason(qtbot, tmp_path, monkeypatch):

@@ -1,9 +1,19 @@
 """Where the studio keeps its caches and data, overridable for tests and portable installs."""
 
 import os
+import sys
 from pathlib import Path
 
-RESOURCES_DIR = Path(__file__).resolve().parents[2] / "resources"
+
+def resources_dir(package_file: str = __file__, prefix: str = sys.prefix) -> Path:
+    """`resources/` beside the package in a checkout (and in the built app); a wheel installs it as data files
+    under `<prefix>/share/compression-studio` (pyproject's data-files)."""
+    beside_package = Path(package_file).resolve().parents[2] / "resources"
+    installed = Path(prefix) / "share" / "compression-studio"
+    return beside_package if beside_package.is_dir() or not installed.is_dir() else installed
+
+
+RESOURCES_DIR = resources_dir()
 PRESETS_DIR = RESOURCES_DIR / "presets"
 
 

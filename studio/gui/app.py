@@ -12,8 +12,10 @@ import sys
 import time
 
 from PySide6.QtCore import QEvent, QObject, QTimer
+from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
+from studio.core.paths import RESOURCES_DIR
 from studio.gui.main_window import APPLICATION, ORGANIZATION, MainWindow
 from studio.gui.tasks import LoadModelTask
 
@@ -45,11 +47,22 @@ class _FirstPaint(QObject):
         return False
 
 
-def run_app(model: str | None = None) -> int:
+DESKTOP_ENTRY = "compression-studio"  # packaging/linux/compression-studio.desktop, and the icons' name
+
+
+def studio_application() -> QApplication:
+    """The QApplication, named and with the studio's icon (the desktop entry's name lets Wayland match them)."""
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setOrganizationName(ORGANIZATION)
     app.setApplicationName(APPLICATION)
+    app.setDesktopFileName(DESKTOP_ENTRY)
+    app.setWindowIcon(QIcon(str(RESOURCES_DIR / "icons" / f"{DESKTOP_ENTRY}.png")))
     app.setStyle("Fusion")  # one look everywhere, and palettes (light/dark) that apply fully
+    return app
+
+
+def run_app(model: str | None = None) -> int:
+    app = studio_application()
     window = MainWindow()
     if os.environ.get(EXIT_AFTER_PAINT) == "1":
         watcher = _FirstPaint(window)

@@ -29,13 +29,19 @@ class SelfTestFailed(Exception):
 
 
 class _FirstPaint(QObject):
+    """Seconds to the window's first paint event: since the self-test started, and since the process was launched
+    (which includes the interpreter's start, the built app's unpacking and every import)."""
+
     def __init__(self, started: float):
         super().__init__()
-        self.started, self.seconds = started, None
+        self.started, self.seconds, self.since_launch = started, None, None
 
     def eventFilter(self, watched, event) -> bool:
         if event.type() == QEvent.Type.Paint and self.seconds is None:
+            from studio.gui.app import seconds_since_process_start
+
             self.seconds = time.perf_counter() - self.started
+            self.since_launch = seconds_since_process_start()
         return False
 
 
@@ -71,9 +77,31 @@ def write_tiny_model(folder: Path, blocks: int = 2, width: int = 64, vocab: int 
     return folder
 
 
+def installation() -> dict[str, Any]:
+    """Which Python runs the studio: a built app (PyInstaller's `sys.frozen`) must use only what it brought, so for
+    it list the imported modules and (on Linux) the Python libraries mapped from outside its own folder."""
+    app_folder = getattr(sys, "_MEIPASS", None)
+    about: dict[str, Any] = {"frozen": bool(getattr(sys, "frozen", False)), "executable": sys.executable,
+                             "python": sys.version.split()[0], "app_folder": app_folder}
+    if app_folder:
+        inside = str(Path(app_folder).resolve())
+        files = {getattr(module, "__file__", None) for module in list(sys.modules.values())}
+        # frozen modules without a file of their own carry relative names (pyimod01_archive.py, struct.py)
+        about["modules_outside_app"] = sorted(f for f in files if f and Path(f).is_absolute()
+                                              and not str(Path(f).resolve()).startswith(inside))
+        maps = Path("/proc/self/maps")
+        if maps.exists():
+            mapped = {line.split()[-1] for line in maps.read_text().splitlines() if line.split()[-1].startswith("/")}
+            about["python_libraries_outside_app"] = sorted(
+                path for path in mapped if "python" in Path(path).name.lower() and not path.startswith(inside))
+    return about
+
+
 def run_self_test(report_path: str | None = None) -> int:
+    from studio.gui.app import studio_application
+
     started = time.perf_counter()
-    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app = studio_application()
     report: dict[str, Any] = {"checks": {}, "platform": app.platformName()}
     work = Path(tempfile.mkdtemp(prefix="studio-self-test-"))
     try:
@@ -84,6 +112,7 @@ def run_self_test(report_path: str | None = None) -> int:
         report["reason"] = f"{type(exc).__name__}: {exc}"
         report["traceback"] = traceback.format_exc()
     report["seconds"] = round(time.perf_counter() - started, 2)
+    report["installation"] = installation()
     text = json.dumps(report, indent=2, default=str)
     if report_path:
         Path(report_path).write_text(text, encoding="utf-8")
@@ -111,6 +140,15 @@ def _checks(app: QApplication, started: float, work: Path, report: dict[str, Any
 def _exercise(app: QApplication, window, paint: _FirstPaint, work: Path, checks: dict[str, Any]) -> None:
     _wait(app, lambda: paint.seconds is not None, "the window's first paint")
     checks["first_paint_seconds"] = round(paint.seconds, 3)
+    checks["first_paint_since_launch_seconds"] = round(paint.since_launch, 3)
+    if app.windowIcon().isNull():
+        raise SelfTestFailed("the window has no icon: resources/icons is missing from this installation")
+    from studio.core.paths import PRESETS_DIR
+
+    presets = sorted(PRESETS_DIR.glob("*.yaml"))
+    if not presets:
+        raise SelfTestFailed("no recipe presets were found: resources/presets is missing from this installation")
+    checks["presets"] = len(presets)
 
     folder = work / "tiny-llama"
     write_tiny_model(folder)
