@@ -44,10 +44,6 @@ def check_environment() -> None:
     if torch.version.cuda or getattr(torch.version, "hip", None):
         raise BuildError(f"torch {torch.__version__} is a CUDA/ROCm build; install the CPU build first, e.g. "
                          "pip install torch --index-url https://download.pytorch.org/whl/cpu")
-    stale = stale_studio_files()
-    if stale:
-        raise BuildError(f"the studio installed in this environment differs from {ROOT} ({stale[0]}, "
-                         f"{len(stale)} file(s)): the app would bundle the installed one; pip install {ROOT} again")
 
 
 def stale_studio_files(installed: Path | None = None) -> list[str]:
@@ -69,6 +65,10 @@ def stale_studio_files(installed: Path | None = None) -> list[str]:
 
 def build_app(dist: Path, work: Path) -> Path:
     """PyInstaller's one-folder build: DIST/compression-studio/ (and the .app on macOS)."""
+    stale = stale_studio_files()
+    if stale:
+        raise BuildError(f"the studio installed in this environment differs from {ROOT} ({stale[0]}, "
+                         f"{len(stale)} file(s)): the app would bundle the installed one; pip install {ROOT} again")
     subprocess.run([sys.executable, "-m", "PyInstaller", "--noconfirm", "--clean", "--log-level", "WARN",
                     "--distpath", str(dist), "--workpath", str(work), str(PACKAGING / "studio.spec")],
                    check=True, cwd=ROOT)
@@ -146,8 +146,10 @@ def build_deb(app: Path, dist: Path) -> Path:
         for script in ("postinst", "postrm"):
             shutil.copy(PACKAGING / "linux" / script, staging / "DEBIAN" / script)
             (staging / "DEBIAN" / script).chmod(0o755)
+        # zstd 9: 8% smaller than dpkg's default level for 20 s more; xz would save 14% more for 4 minutes more
         partial = target.with_suffix(".deb.partial")
-        subprocess.run(["dpkg-deb", "--root-owner-group", "-Zzstd", "--build", str(staging), str(partial)], check=True)
+        subprocess.run(["dpkg-deb", "--root-owner-group", "-Zzstd", "-z9", "--build", str(staging), str(partial)],
+                       check=True)
         partial.replace(target)
     return target
 
