@@ -96,12 +96,15 @@ PAIRS = [
     Pair("Wanda", "50%", _studio("wanda", sparsity=0.5), Side("llm-compressor", "wanda", {"sparsity": 0.5})),
     Pair("Wanda", "2:4", _studio("wanda", sparsity=0.5, pattern="2:4"),
          Side("llm-compressor", "wanda", {"sparsity": 0.5, "pattern": "2:4"})),
-    # hqq rounds the 4-bit zero point to the grid (round_zero) and keeps the 3-bit one in float
-    Pair("HQQ", "4-bit g64", _studio("hqq", bits=4, group_size=64, zero_point="integer"),
-         Side("hqq", "hqq", {"bits": 4, "group_size": 64})),
+    # hqq's BaseQuantizeConfig sets round_zero for 4 bits; its zero point is still stored as a float per group,
+    # like the studio's default (the studio's zero_point="integer" is a coarser format: 30.52 here)
+    Pair("HQQ", "4-bit g64", _studio("hqq", bits=4, group_size=64), Side("hqq", "hqq", {"bits": 4, "group_size": 64})),
     Pair("HQQ", "3-bit g64", _studio("hqq", bits=3, group_size=64), Side("hqq", "hqq", {"bits": 3, "group_size": 64})),
-    # quanto's qint4 is affine in groups of 128; qint8 and torchao's int8 weight-only are symmetric per channel
-    Pair("int4 weight-only", "g128 asym", _studio("rtn", **_w(4, 128, False)), Side("optimum-quanto", "qint4", {"bits": 4})),
+    # quanto's qint4 is affine in groups of 128 of the flattened weight (576 columns: groups straddle rows); the
+    # studio's groups stay within a row and must divide 576, so its nearest is 64 (4.31 against 4.25 bits/weight).
+    # qint8 and torchao's int8 weight-only are symmetric per channel.
+    Pair("int4 weight-only", "asym; quanto g128 (flattened), studio g64", _studio("rtn", **_w(4, 64, False)),
+         Side("optimum-quanto", "qint4", {"bits": 4})),
     Pair("int8 weight-only", "per channel, sym", _studio("rtn", **_w(8, 0, True)),
          Side("optimum-quanto", "qint8", {"bits": 8})),
     Pair("int8 weight-only", "per channel, sym", _studio("rtn", **_w(8, 0, True)), Side("torchao", "int8wo")),
@@ -148,12 +151,14 @@ def one_line_error(stderr: str) -> str:
     return (errors or lines or ["(no output)"])[-1][:300]
 
 
-def install(tool: str, work: Path) -> str | None:
-    """None when the tool's environment is ready; else pip's one-line error."""
+def install(tool: str, work: Path, reinstall: bool = False) -> str | None:
+    """None when the tool's environment is ready; else pip's one-line error (kept: --reinstall tries again)."""
     venv = work / "venvs" / tool
-    ready = venv / "ready"
+    ready, failed = venv / "ready", venv / "failed"
     if ready.exists():
         return None
+    if failed.exists() and not reinstall:
+        return failed.read_text()
     requirements = PEERS[tool][0]
     constraints = work / "venvs" / "constraints.txt"
     constraints.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +169,8 @@ def install(tool: str, work: Path) -> str | None:
     for args in ([TORCH], [*requirements, "-c", str(constraints)]):
         done = subprocess.run(pip + args, capture_output=True, text=True)
         if done.returncode != 0:
-            return one_line_error(done.stdout + done.stderr)
+            failed.write_text(one_line_error(done.stdout + done.stderr))
+            return failed.read_text()
     ready.write_text(" ".join(requirements))
     return None
 
@@ -191,7 +197,7 @@ def run_job(side: Side, work: Path, folder: Path, calibration: Path, settings: d
 
 # ---------------------------------------------------------------- 4. one evaluation for everything
 class Evaluator:
-    def __init__(self, folder: Path, tokens: int):
+    def __init__(self, folder: Path, tokens: int, original_perplexity: float | None = None):
         from studio.core.evaluation.perplexity import PerplexityConfig, load_eval_tokens
         from studio.core.loading import load_model
 
@@ -199,7 +205,7 @@ class Evaluator:
         self.original = self.loaded.model
         self.config = PerplexityConfig(str(WIKITEXT), max_tokens=tokens, window=1024, stride=1024)
         self.tokens = load_eval_tokens(self.loaded.tokenizer, self.config)
-        self.original_perplexity = self._perplexity(self.original)
+        self.original_perplexity = original_perplexity or self._perplexity(self.original).perplexity
 
     def _perplexity(self, model, reference=None, tokens=None):
         from studio.core.evaluation.perplexity import perplexity
@@ -231,8 +237,8 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------- 5. the table
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a is not None and b else "–"
+def ratio(a: float | None, b: float | None, digits: int = 2) -> str:
+    return f"{a / b:.{digits}f}" if a is not None and b else "–"
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -247,7 +253,7 @@ def table(pairs: list[Pair], rows: dict[str, dict], failures: dict[str, str], or
         studio, peer = rows.get(pair.studio.key, {}), rows.get(pair.peer.key, {})
         peer_note = failures.get(pair.peer.tool) or peer.get("error")
 
-        def row(tool: str, r: dict, ratios: str = "| | |") -> str:
+        def row(tool: str, r: dict, ratios: str = "| | | |") -> str:
             rss = r.get("peak_rss_bytes")
             return (f"| {pair.method} | {pair.settings} | {tool} | {fmt(r.get('perplexity'), 3)} | "
                     f"{fmt(r.get('kl'), 4)} | {fmt(r.get('seconds'), 1)} | {fmt(rss and rss / MiB, 0)} {ratios}")
@@ -256,7 +262,7 @@ def table(pairs: list[Pair], rows: dict[str, dict], failures: dict[str, str], or
         if peer_note:
             lines.append(f"| {pair.method} | {pair.settings} | {pair.peer.tool} | failed: {peer_note} | | | | | | |")
             continue
-        ratios = (f"| {ratio(studio.get('perplexity'), peer.get('perplexity'))} | "
+        ratios = (f"| {ratio(studio.get('perplexity'), peer.get('perplexity'), 3)} | "
                   f"{ratio(studio.get('seconds'), peer.get('seconds'))} | "
                   f"{ratio(studio.get('peak_rss_bytes'), peer.get('peak_rss_bytes'))} |")
         lines.append(row(pair.peer.tool, peer, ratios))
@@ -273,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=16384, help="WikiText-2 tokens for perplexity (16384)")
     parser.add_argument("--work", type=Path, help="working folder (default: the studio's cache/peers)")
     parser.add_argument("--rerun", action="store_true", help="run and evaluate every job again")
+    parser.add_argument("--reinstall", action="store_true", help="try again to install the peers that failed")
     args = parser.parse_args(argv)
 
     from studio.core.paths import cache_dir
@@ -285,14 +292,15 @@ def main(argv: list[str] | None = None) -> int:
              and (only is None or any(p.method.lower().startswith(m) for m in only))]
 
     folder, calibration, settings = prepare(work)
-    failures = {tool: error for tool in sorted(tools) if (error := install(tool, work))}
+    failures = {tool: error for tool in sorted(tools) if (error := install(tool, work, args.reinstall))}
     for tool, error in failures.items():
         log(f"{tool} did not install: {error}")
 
-    log(f"evaluating the original on {args.tokens} tokens")
-    evaluator = Evaluator(folder, args.tokens)
     results_file = work / "peers.json"
     saved = json.loads(results_file.read_text()) if results_file.exists() and not args.rerun else {}
+    log(f"evaluating the original on {args.tokens} tokens")
+    evaluator = Evaluator(folder, args.tokens,
+                          saved.get("original_perplexity") if saved.get("tokens") == args.tokens else None)
     rows: dict[str, dict] = saved.get("rows", {})
     sides = {side.key: side for pair in pairs for side in (pair.studio, pair.peer) if side.tool not in failures}
     for key, side in sides.items():
@@ -306,10 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"  failed: {result['error']}")
         rows[key] = {"tool": side.tool, "method": side.method, "params": side.params, **result}
-        results_file.write_text(json.dumps({"original_perplexity": evaluator.original_perplexity.perplexity,
+        results_file.write_text(json.dumps({"original_perplexity": evaluator.original_perplexity,
                                             "tokens": args.tokens, "install_failures": failures, "rows": rows},
                                            indent=2, default=str))
-    text = table(pairs, rows, failures, evaluator.original_perplexity.perplexity)
+    text = table(pairs, rows, failures, evaluator.original_perplexity)
     (work / "peers.md").write_text(text + "\n")
     print(text)
     print(f"\nwritten: {results_file}, {work / 'peers.md'}")
