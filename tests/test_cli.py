@@ -52,6 +52,21 @@ def test_run_writes_model_and_report(capsys, tiny_folder, text_file, tmp_path):
     assert (out_dir / "recipe.yaml").exists() and (out_dir / "model.safetensors").exists()
 
 
+def test_run_without_evaluation_compresses_in_place_and_with_it_on_a_copy(capsys, monkeypatch, tiny_folder,
+                                                                           text_file, tmp_path):
+    from studio.core import runner
+
+    calls = []
+    real = runner.run_recipe
+    monkeypatch.setattr(runner, "run_recipe", lambda *a, **k: calls.append(k["in_place"]) or real(*a, **k))
+    code, _, err = run(capsys, "run", "rtn-w4-g64", "--model", tiny_folder, "--out", tmp_path / "a")
+    assert code == 0, err
+    code, _, err = run(capsys, "run", "rtn-w4-g64", "--model", tiny_folder, "--out", tmp_path / "b",
+                       "--eval-text", text_file, "--tokens", 100, "--window", 64, "--stride", 64)
+    assert code == 0, err
+    assert calls == [True, False]  # nothing reads the original after a run that is not evaluated
+
+
 def test_export_a_run_folder_as_gguf_and_compressed_tensors_proven_by_reloading(capsys, tiny_folder, text_file,
                                                                                  tmp_path):
     run_dir = tmp_path / "run"

@@ -20,7 +20,7 @@ from studio.core.runner import prepare, run_recipe
 from studio.core.state import compression_state
 from studio.core.structure import weight_matrix
 from studio.methods.grid import quantize_rtn
-from studio.methods.hqq import HQQParams, hqq_packed_size, lp_error, quantize_hqq, shrink_lp
+from studio.methods.hqq import HQQParams, error_and_shrink, hqq_packed_size, lp_error, quantize_hqq, shrink_lp
 from studio.methods.kv_cache import (
     IMPLEMENTATION_PREFIX,
     CacheGeometry,
@@ -63,6 +63,14 @@ def test_shrink_lp_is_the_generalized_soft_threshold():
     assert torch.equal(shrunk[1:4], torch.zeros(3))
     assert torch.allclose(shrunk[[0, 4]], torch.tensor([-1.0, 1.0]) * (2 - 2**-0.3 / 10))
     assert torch.allclose(shrink_lp(x, beta=4.0, p=1.0), torch.sign(x) * torch.relu(x.abs() - 0.25))
+
+
+def test_the_fused_iteration_step_equals_the_lp_error_and_the_shrinkage():
+    x = torch.randn(8, 3, 64) * 0.3
+    x[0, 0, :7] = 0.0  # |x|^(p-1) is infinite there: the error term must still be 0
+    error, shrunk = error_and_shrink(x, beta=10.0, p=0.7)
+    assert torch.allclose(error, lp_error(x, 0.7)) and torch.isfinite(error).all()
+    assert torch.equal(shrunk, shrink_lp(x, beta=10.0, p=0.7))
 
 
 @pytest.mark.parametrize("bits", [3, 4])

@@ -1,5 +1,6 @@
 import threading
 
+import pytest
 import torch
 
 from conftest import tiny_model
@@ -87,12 +88,43 @@ def test_a_failing_step_is_reported_and_leaves_the_original_untouched(monkeypatc
     def boom(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(rtn, "quantize_rtn", boom)
+    monkeypatch.setattr(rtn, "quantize_rtn_dense", boom)
     seen = []
     result = run_recipe(parse_recipe(TWO_STEPS), LoadedModel(model, None, {}), events=seen.append)
     assert result.status == "failed" and "step 2" in result.error and "simulated failure" in result.error
     assert isinstance(seen[-1], ev.RunFailed) and not result.bad_input
     assert same(model, prints)
+
+
+CALIBRATED = {"schema_version": 2, "steps": [
+    {"method": "smoothquant", "params": {"alpha": 0.5}},
+    {"method": "gptq", "params": {"bits": 4, "group_size": 32}},
+]}
+
+
+def test_an_in_place_run_writes_into_the_loaded_weights_and_gives_the_same_model(text_file, tokenizer):
+    recipe = parse_recipe({**CALIBRATED, "calibration": {"text_file": str(text_file), "samples": 4, "seq_len": 32}})
+    copy_run = run_recipe(recipe, LoadedModel(tiny_model("llama"), tokenizer, {}))
+    model = tiny_model("llama")
+    addresses = {n: p.data_ptr() for n, p in model.named_parameters()}
+    in_place = run_recipe(recipe, LoadedModel(model, tokenizer, {}), in_place=True)
+    assert in_place.status == copy_run.status == "finished" and in_place.model is model
+    # the same weights, written into the tensors the model was loaded with (no second set of weights)
+    assert same(model, fingerprint(copy_run.model))
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == addresses
+    assert compression_state(model).keys() == compression_state(copy_run.model).keys()
+
+
+def test_an_in_place_run_has_no_teacher_and_cannot_evaluate(text_file, tokenizer):
+    from studio.core.evaluation import PerplexityConfig
+
+    distill = parse_recipe({"schema_version": 2, "steps": [{"method": "distill", "params": {}}],
+                            "calibration": {"text_file": str(text_file), "samples": 2, "seq_len": 16}})
+    result = run_recipe(distill, LoadedModel(tiny_model(), tokenizer, {}), in_place=True)
+    assert result.status == "failed" and "needs the original model as its teacher" in result.error
+    with pytest.raises(ValueError, match="cannot evaluate"):
+        run_recipe(parse_recipe(TWO_STEPS), LoadedModel(tiny_model(), None, {}), in_place=True,
+                   eval_config=PerplexityConfig(str(text_file)))
 
 
 def test_invalid_recipe_fails_before_any_work():

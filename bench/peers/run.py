@@ -1,7 +1,8 @@
 """The studio against the libraries users would otherwise script: the same method on the same model, the same
 calibration tokens and the same evaluation, side by side.
 
-    python bench/peers/run.py [--only gptq,hqq] [--tools llm-compressor,hqq] [--tokens 16384] [--work DIR] [--rerun]
+    python bench/peers/run.py [--only gptq,hqq] [--tools llm-compressor,hqq] [--tokens 16384] [--work DIR]
+                              [--repeat 3] [--rerun [TOOLS]]
 
 1. Converts SmolLM2-135M (../shared/models, GGUF) once to a dense float32 Hugging Face folder, and samples the
    calibration tokens once: 32 × 512 from ../shared/data/text/c4-en-sample.txt with the studio's sampler (seed 0,
@@ -18,15 +19,18 @@ calibration tokens and the same evaluation, side by side.
    W8A8 inputs are quantized by the same per-token function for both sides.
 5. Prints and writes (WORK/peers.json, WORK/peers.md) the table with the studio / peer ratios.
 
-Results are kept per job in WORK/jobs; a second run evaluates only what is missing (--rerun redoes all).
+Each job runs --repeat times (3): seconds and peak RSS are the medians, and every run must give the same weights.
+Results are kept per job in WORK/jobs; a second run does only what is missing (--rerun redoes all, or one tool's).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -176,23 +180,47 @@ def install(tool: str, work: Path, reinstall: bool = False) -> str | None:
 
 
 # ---------------------------------------------------------------- 3. the jobs
-def run_job(side: Side, work: Path, folder: Path, calibration: Path, settings: dict, rerun: bool) -> dict:
+def run_job(side: Side, work: Path, folder: Path, calibration: Path, settings: dict, rerun: bool,
+            repeat: int = 1) -> dict:
+    """Runs the job `repeat` times, each in a fresh process; seconds and peak RSS are the medians, and the
+    weights of every run must be the same (the evaluation scores them once)."""
     out = work / "jobs" / side.key
-    if (out / "result.json").exists() and not rerun:
-        return json.loads((out / "result.json").read_text())
+    done_before = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else None
+    if done_before and not rerun and len(done_before.get("runs", [None])) >= repeat:
+        return done_before
     worker = HERE / ("worker_studio.py" if side.tool == "studio" else PEERS[side.tool][1])
     job = {"tool": side.tool, "method": side.method, "params": side.params, "model": str(folder),
            "calibration": str(calibration), "calibration_settings": settings, "out": str(out)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.json").write_text(json.dumps(job, indent=2))
-    log(f"{side.tool}: {side.method} {side.params}")
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([str(python_of(side.tool, work)), str(worker), str(out / "job.json")], env=env,
-                          capture_output=True, text=True)
-    (out / "worker.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        return {"error": one_line_error(done.stderr)}
-    return json.loads((out / "result.json").read_text())
+    runs = []
+    for attempt in range(repeat):
+        log(f"{side.tool}: {side.method} {side.params}" + (f" (run {attempt + 1} of {repeat})" if repeat > 1 else ""))
+        (out / "result.json").unlink(missing_ok=True)
+        done = subprocess.run([str(python_of(side.tool, work)), str(worker), str(out / "job.json")], env=env,
+                              capture_output=True, text=True)
+        (out / "worker.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            return {"error": one_line_error(done.stderr)}
+        result = json.loads((out / "result.json").read_text())
+        runs.append({"seconds": result["seconds"], "peak_rss_bytes": result["peak_rss_bytes"],
+                     "weights_sha256": file_digest(out / "weights.safetensors")})
+    if len({r["weights_sha256"] for r in runs}) > 1:
+        result["warning"] = "the runs gave different weights; the last one's were evaluated"
+    result.update(seconds=statistics.median(r["seconds"] for r in runs),
+                  peak_rss_bytes=statistics.median(r["peak_rss_bytes"] for r in runs),
+                  weights_sha256=runs[-1]["weights_sha256"], runs=runs)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- 4. one evaluation for everything
@@ -246,9 +274,10 @@ def fmt(value, digits: int = 2) -> str:
 
 
 def table(pairs: list[Pair], rows: dict[str, dict], failures: dict[str, str], original: float) -> str:
-    header = ("| method | settings | tool | perplexity | KL | seconds | peak RSS MiB | ppl studio/peer | "
+    header = ("| method | settings | tool | perplexity | KL | seconds | peak RSS MiB | runs | ppl studio/peer | "
               "time studio/peer | RSS studio/peer |")
-    lines = [f"Original (float32): perplexity {original:.3f}.", "", header, "|" + "---|" * 10]
+    lines = [f"Original (float32): perplexity {original:.3f}. Seconds and peak RSS: medians of the runs.", "",
+             header, "|" + "---|" * 11]
     for pair in pairs:
         studio, peer = rows.get(pair.studio.key, {}), rows.get(pair.peer.key, {})
         peer_note = failures.get(pair.peer.tool) or peer.get("error")
@@ -256,11 +285,12 @@ def table(pairs: list[Pair], rows: dict[str, dict], failures: dict[str, str], or
         def row(tool: str, r: dict, ratios: str = "| | | |") -> str:
             rss = r.get("peak_rss_bytes")
             return (f"| {pair.method} | {pair.settings} | {tool} | {fmt(r.get('perplexity'), 3)} | "
-                    f"{fmt(r.get('kl'), 4)} | {fmt(r.get('seconds'), 1)} | {fmt(rss and rss / MiB, 0)} {ratios}")
+                    f"{fmt(r.get('kl'), 4)} | {fmt(r.get('seconds'), 1)} | {fmt(rss and rss / MiB, 0)} | "
+                    f"{len(r.get('runs', [None])) if r else ''} {ratios}")
 
         lines.append(row("studio", studio))
         if peer_note:
-            lines.append(f"| {pair.method} | {pair.settings} | {pair.peer.tool} | failed: {peer_note} | | | | | | |")
+            lines.append(f"| {pair.method} | {pair.settings} | {pair.peer.tool} | failed: {peer_note} | | | | | | | |")
             continue
         ratios = (f"| {ratio(studio.get('perplexity'), peer.get('perplexity'), 3)} | "
                   f"{ratio(studio.get('seconds'), peer.get('seconds'))} | "
@@ -278,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tools", help="comma-separated peers (default: all)")
     parser.add_argument("--tokens", type=int, default=16384, help="WikiText-2 tokens for perplexity (16384)")
     parser.add_argument("--work", type=Path, help="working folder (default: the studio's cache/peers)")
-    parser.add_argument("--rerun", action="store_true", help="run and evaluate every job again")
+    parser.add_argument("--rerun", nargs="?", const="all", metavar="TOOLS",
+                        help="run the jobs again: all, or those of the comma-separated tools (e.g. studio)")
+    parser.add_argument("--repeat", type=int, default=3, metavar="N",
+                        help="runs of each job; seconds and peak RSS are their medians (3)")
     parser.add_argument("--reinstall", action="store_true", help="try again to install the peers that failed")
     args = parser.parse_args(argv)
 
@@ -297,17 +330,21 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{tool} did not install: {error}")
 
     results_file = work / "peers.json"
-    saved = json.loads(results_file.read_text()) if results_file.exists() and not args.rerun else {}
+    rerun = set(PEERS) | {"studio"} if args.rerun == "all" else {t.strip() for t in (args.rerun or "").split(",") if t}
+    saved = json.loads(results_file.read_text()) if results_file.exists() and args.rerun != "all" else {}
     log(f"evaluating the original on {args.tokens} tokens")
     evaluator = Evaluator(folder, args.tokens,
                           saved.get("original_perplexity") if saved.get("tokens") == args.tokens else None)
     rows: dict[str, dict] = saved.get("rows", {})
     sides = {side.key: side for pair in pairs for side in (pair.studio, pair.peer) if side.tool not in failures}
     for key, side in sides.items():
-        if key in rows and "perplexity" in rows[key] and not args.rerun:
+        old = rows.get(key, {})
+        if "perplexity" in old and side.tool not in rerun and len(old.get("runs", [None])) >= args.repeat:
             continue
-        result = run_job(side, work, folder, calibration, settings, args.rerun)
-        if "error" not in result:
+        result = run_job(side, work, folder, calibration, settings, side.tool in rerun, args.repeat)
+        if "error" not in result and "perplexity" in old and old.get("weights_sha256") == result["weights_sha256"]:
+            result.update({k: old[k] for k in ("perplexity", "kl", "top1", "zero_fraction")})  # the same weights
+        elif "error" not in result:
             result.update(evaluator.evaluate(work / "jobs" / key, result))
             log(f"  perplexity {result['perplexity']:.3f}, KL {result['kl']:.4f}, {result['seconds']:.1f} s, "
                 f"peak RSS {result['peak_rss_bytes'] / MiB:,.0f} MiB")

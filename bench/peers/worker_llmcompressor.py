@@ -1,9 +1,10 @@
 """llm-compressor's side: its modifiers through `oneshot`, on the benchmark's calibration tokens (a DataLoader of the
 same 32 × 512 samples), then every quantized Linear's weight fake-quantized with compressed-tensors' own function
 (GPTQ and AWQ already leave their weights on the grid; the quantization modifier keeps the float weight and its
-scales)."""
+scales). The time and peak RSS cover both: the studio's cover rounding the weights too."""
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,12 +41,13 @@ def modifiers(method: str, params: dict) -> list:
     raise SystemExit(f"llm-compressor: no recipe for {method}")
 
 
-def dense_weights(model) -> tuple[dict, dict | None]:
-    """Fake-quantized weights of the quantized Linears, and which layers quantize their inputs at run time."""
+def fake_quantize_weights(model) -> dict | None:
+    """Every quantized Linear's weight replaced, in place, by its fake-quantized value (compressed-tensors' own
+    function); returns which layers quantize their inputs at run time."""
     import torch
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
-    weights, inputs, bits = {}, [], 8
+    inputs, bits = [], 8
     for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         if not isinstance(module, torch.nn.Linear) or scheme is None:
@@ -54,15 +56,17 @@ def dense_weights(model) -> tuple[dict, dict | None]:
             zero_point = getattr(module, "weight_zero_point", None)
             if getattr(module, "weight_g_idx", None) is not None:  # GPTQ's default "static" order has none
                 raise SystemExit(f"{name}: activation-ordered groups (g_idx) are not evaluated")
-            weights[name] = fake_quantize(module.weight.data, module.weight_scale.data,
-                                          None if zero_point is None else zero_point.data, scheme.weights)
+            with torch.no_grad():
+                module.weight.data.copy_(fake_quantize(module.weight.data, module.weight_scale.data,
+                                                       None if zero_point is None else zero_point.data,
+                                                       scheme.weights))
         if scheme.input_activations is not None:
             strategy = scheme.input_activations.strategy
             if not scheme.input_activations.dynamic or getattr(strategy, "value", strategy) != "token":
                 raise SystemExit(f"{name}: only dynamic per-token activation quantization is evaluated")
             inputs.append(name)
             bits = scheme.input_activations.num_bits
-    return weights, ({"layers": sorted(inputs), "bits": bits} if inputs else None)
+    return {"layers": sorted(inputs), "bits": bits} if inputs else None
 
 
 def main() -> None:
@@ -85,10 +89,14 @@ def main() -> None:
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
         result["workaround"] = "IntermediatesCache.pin_memory skipped (fails without an accelerator)"
     with common.stopwatch(result):
+        begin = time.perf_counter()
         oneshot(model=model, recipe=modifiers(job["method"], job["params"]), dataset=loader,
                 num_calibration_samples=len(samples), max_seq_length=tokens.shape[1])
-    weights, result["input_quant"] = dense_weights(model)
-    common.write_result(job, common.layer_tensors(model, weights), result)
+        result["oneshot_seconds"] = time.perf_counter() - begin
+        # oneshot leaves RTN's weights in float with their scales (they are rounded when the model is saved or
+        # run); the studio's time includes rounding them, so this one does too
+        result["input_quant"] = fake_quantize_weights(model)
+    common.write_result(job, common.layer_tensors(model), result)
 
 
 if __name__ == "__main__":

@@ -337,7 +337,8 @@ def cmd_run(args) -> int:
 
     recipe_path = resolve_recipe_path(args.recipe)
     recipe = _with_calibration_overrides(load_recipe(recipe_path), args, str(recipe_path))
-    check_calibration(validate_recipe(recipe, str(recipe_path)), recipe.calibration, str(recipe_path))
+    steps = validate_recipe(recipe, str(recipe_path))
+    check_calibration(steps, recipe.calibration, str(recipe_path))
     # schema errors before the slow model load
     out = check_destination(args.out, args.force)
     config = _eval_config(args)
@@ -352,7 +353,10 @@ def cmd_run(args) -> int:
 
     try:
         with ProgressPrinter() as progress:
-            result = run_recipe(recipe, loaded, events=progress, eval_config=config, where=str(recipe_path))
+            # nothing compares with the original afterwards: compress it in place, without a second set of weights
+            in_place = config is None and not any(vs.method.needs_teacher for vs in steps)
+            result = run_recipe(recipe, loaded, events=progress, eval_config=config, where=str(recipe_path),
+                                in_place=in_place)
     except KeyboardInterrupt:
         remember("cancelled", {})
         raise

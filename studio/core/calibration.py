@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from studio.core.errors import EvaluationError, RecipeError
 from studio.core.events import CancelToken, EventCallback, Progress, ignore
+from studio.core.memory import return_free_memory
 
 if TYPE_CHECKING:  # torch loads lazily: the window must open fast
     import torch
@@ -354,4 +355,6 @@ def layerwise(
             yield current
         if i < last:
             inputs = current.outputs()
+        del current
+        return_free_memory()  # the block's activations, freed, would otherwise stay in the process
         emit(Progress(step_index, i + 1, last + 1, "block", f"block {i}"))

@@ -101,6 +101,7 @@ class Method(ABC):
     family: ClassVar[Family]
     summary: ClassVar[str]  # one line for the palette and `studio methods`
     needs_calibration: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False  # reads the uncompressed original while it runs (distillation)
     changes_weights: ClassVar[bool] = True  # False for methods that act at run time only (KV-cache quantization)
     Params: ClassVar[type[MethodParams]]
 

@@ -1,5 +1,6 @@
 """The runner: validates a recipe against the model, applies its steps in order to a working copy, evaluates,
-and reports typed events. The loaded original is never modified: a cancelled or failed run drops the copy."""
+and reports typed events. The loaded original is never modified (unless the caller asks for an in-place run):
+a cancelled or failed run drops the copy."""
 
 from __future__ import annotations
 
@@ -92,9 +93,17 @@ def run_recipe(
     eval_config: PerplexityConfig | None = None,
     evaluate_each_step: bool = True,
     where: str = "recipe",
+    in_place: bool = False,
 ) -> RunResult:
     """Run `recipe` on a copy of `loaded.model`. With `eval_config`, the original and the result of each step
-    (or only the last, without `evaluate_each_step`) are evaluated on the same tokens."""
+    (or only the last, without `evaluate_each_step`) are evaluated on the same tokens.
+
+    With `in_place`, the steps change `loaded.model` itself: compressed weights are written into the original
+    tensors, so the run needs no second set of weights, but nothing is left to compare with or to teach
+    (distillation fails), and a failed or cancelled run leaves the model half-compressed. For headless runs
+    that only export."""
+    if in_place and eval_config is not None:
+        raise ValueError("an in-place run cannot evaluate against the original it overwrites")
     cancel = cancel or CancelToken()
     original = loaded.model
     report: dict[str, Any] = {"recipe": recipe.to_dict(), "model": dict(loaded.source), "steps": []}
@@ -117,14 +126,15 @@ def run_recipe(
                                   on_window=_window_progress(events, None))
             events(Metric("perplexity", baseline.perplexity, None))
             report["baseline"] = baseline.to_dict()
-        model = clone_sharing_weights(original)
+        model = original if in_place else clone_sharing_weights(original)
         for n, vs in enumerate(steps):
             index = vs.index
             events(StepStarted(index, vs.step.method, len(steps), n))
             if n > 0 and (problems := step_problems(vs, model, f"{where} (after step {steps[n - 1].index + 1})")):
                 raise RecipeError("\n".join(problems))
             layers = target_layers(model, vs.step.targets)
-            ctx = StepContext(model, layers, index, events, cancel, calibration=calibration, teacher=original,
+            ctx = StepContext(model, layers, index, events, cancel, calibration=calibration,
+                              teacher=None if in_place else original, in_place=in_place,
                               tokenizer=loaded.tokenizer,
                               evaluation=None if tokens is None else Evaluation(tokens, eval_config))
             begin = time.perf_counter()

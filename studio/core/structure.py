@@ -49,6 +49,20 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     module.weight.data = w.to(module.weight.dtype)
 
 
+def write_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    """Write the (out, in) weight into the layer's own tensor, for runs on the model itself (no copy shares
+    it). A new tensor would leave the old one alive where the checkpoint is memory-mapped: one mapping holds
+    every weight of the file until the last of them is freed."""
+    import torch
+
+    current = weight_matrix(module)
+    if current.shape != w.shape:
+        set_weight_matrix(module, w)
+        return
+    with torch.no_grad():
+        current.copy_(w)
+
+
 def text_config(model: nn.Module):
     """The language model's config (the text part of a multimodal config)."""
     config = model.config

@@ -220,7 +220,7 @@ class AWQ(Method):
                 scales[group], alpha = search_scales(weights, group_stats.sample, group_stats.mean_abs, params)
                 alphas.append(alpha)
             for group, s in scales.items():
-                fold_scales(bp.block, group, s)
+                fold_scales(bp.block, group, s, in_place=ctx.in_place)
             for group in groups:
                 x = stats[group.layers[0]].sample
                 if group in scales:

@@ -544,6 +544,7 @@ class Distillation(Method):
     family = Family.DISTILLATION
     summary = "Train the compressed model to match the original's next-token distributions (KL, reverse KL, GKD)."
     needs_calibration = True
+    needs_teacher = True
     Params = DistillParams
 
     def check_model(self, model, params: DistillParams) -> list[str]:

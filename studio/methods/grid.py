@@ -20,8 +20,8 @@ def grid_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tens
     import torch
 
     maxq = 2**bits - 1
-    lo = w.min(dim=-1).values.clamp(max=0)
-    hi = w.max(dim=-1).values.clamp(min=0)
+    lo, hi = torch.aminmax(w, dim=-1)  # one pass over the weights instead of two
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     if symmetric:
         hi = torch.maximum(lo.abs(), hi)
         lo = -hi
@@ -32,27 +32,32 @@ def grid_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tens
     return scale, zero
 
 
-def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes of `w` on the grid, rounded to nearest and clamped to [0, 2^b - 1]."""
-    import torch
-
-    return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
-
-
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedWeight:
     """Round every weight of the (out, in) matrix `w` to the nearest point of its group's grid."""
+    return quantize_rtn_dense(w, bits, group_size, symmetric)[0]
+
+
+def quantize_rtn_dense(w: torch.Tensor, bits: int, group_size: int,
+                       symmetric: bool) -> tuple[QuantizedWeight, torch.Tensor]:
+    """`quantize_rtn` and the dequantized (out, in) weight in `w`'s dtype, equal to `.dequantize()`, from one
+    buffer worked in place: the whole model is a few passes over memory instead of a dozen."""
     import torch
 
     out_f, in_f = w.shape
     width = group_size or in_f
     groups = w.float().reshape(out_f, in_f // width, width)
     scale, zero = grid_params(groups, bits, symmetric)
-    codes = quantize_to_grid(groups, scale, zero, bits)
-    return QuantizedWeight(
-        codes=codes.reshape(out_f, in_f).to(torch.uint8),
-        scales=scale.to(w.dtype),
+    scale3, zero3 = scale[..., None], zero[..., None]
+    grid = torch.div(groups, scale3).round_().add_(zero3).clamp_(0, 2**bits - 1)  # the codes, in place
+    codes = grid.to(torch.uint8)
+    stored_scale = scale.to(w.dtype)  # dequantize with the scale as stored, like QuantizedWeight.dequantize
+    dense = grid.sub_(zero3).mul_(stored_scale.float()[..., None])
+    quant = QuantizedWeight(
+        codes=codes.reshape(out_f, in_f),
+        scales=stored_scale,
         zeros=zero.to(torch.uint8),
         bits=bits,
         group_size=group_size,
         symmetric=symmetric,
     )
+    return quant, dense.reshape(out_f, in_f).to(w.dtype)

@@ -34,7 +34,7 @@ from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
 from studio.core.state import QuantizedWeight, packed_size
 from studio.core.structure import in_out_features, iter_layers, weight_matrix
-from studio.methods.grid import grid_params, quantize_rtn
+from studio.methods.grid import grid_params, quantize_rtn_dense
 from studio.methods.rtn import group_size_problems
 
 HQQ_WEIGHT_ITERATIONS_PER_SECOND = 1e7  # weights x iterations; 2.6e6 measured with ~0.4 of a 2-core CPU free
@@ -71,6 +71,18 @@ def lp_error(error: torch.Tensor, p: float) -> torch.Tensor:
     return error.abs().pow(p).sum(dim=-1)
 
 
+def error_and_shrink(residual: torch.Tensor, beta: float, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lp_error(residual, p)` and `shrink_lp(residual, beta, p)` from one power |x|^(p-1), the costly part of
+    an iteration: |x|^p = |x| · |x|^(p-1) (0 where x = 0, where the power is infinite)."""
+    import torch
+
+    magnitude = residual.abs()
+    power = magnitude.pow(p - 1)
+    error = torch.mul(magnitude, power).nan_to_num_(nan=0.0).sum(dim=-1)
+    shrunk = magnitude.sub_(power.div_(beta)).relu_().copysign_(residual)
+    return error, shrunk
+
+
 def codes_on_grid(scaled: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Q_z(W) = round(W / s + z) clamped to [0, 2^b - 1], from `scaled` = W / s; z may be a float."""
     import torch
@@ -89,17 +101,16 @@ def optimize_zero(scaled: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
     def codes_and_residual(z):
         codes = codes_on_grid(scaled, z, bits)
-        return codes, (scaled - codes + z[..., None]) * step  # W - Q_z^-1(Q_z(W)), in weight units
+        return codes, torch.sub(scaled, codes).add_(z[..., None]).mul_(step)  # W - Q_z^-1(Q_z(W)), in weight units
 
     best_zero, best_error = zero.clone(), torch.full_like(zero, float("inf"))
     beta = params.beta
     for _ in range(params.iterations):
         codes, residual = codes_and_residual(zero)
-        error = lp_error(residual, params.lp_norm)
+        error, error_part = error_and_shrink(residual, beta, params.lp_norm)  # step (a): W_e
         better = error < best_error
         best_zero, best_error = torch.where(better, zero, best_zero), torch.where(better, error, best_error)
-        error_part = shrink_lp(residual, beta, params.lp_norm)  # step (a): W_e
-        zero = (codes - scaled + error_part / step).mean(dim=-1)  # step (b): <Q_z(W) - (W - W_e) / s>
+        zero = codes.sub_(scaled).add_(error_part.div_(step)).mean(dim=-1)  # step (b): <Q_z(W) - (W - W_e) / s>
         if stored_as is not None:
             zero = zero.to(stored_as).float()
         beta *= params.kappa
@@ -174,7 +185,7 @@ class HQQ(Method):
                 w = weight_matrix(module)
                 q = quantize_hqq(w, params)
                 dense = q.dequantize()
-                rtn = quantize_rtn(w, params.bits, params.group_size, symmetric=False).dequantize()
+                rtn = quantize_rtn_dense(w, params.bits, params.group_size, symmetric=False)[1]
                 squared["hqq"] += float((dense - w.float()).pow(2).sum())
                 squared["rtn"] += float((rtn - w.float()).pow(2).sum())
                 squared["weights"] += float(w.float().pow(2).sum())

@@ -22,7 +22,7 @@ from studio.core.state import packed_size
 from studio.core.structure import in_out_features, iter_layers, weight_matrix
 from studio.methods.gptq import GPTQParams, gptq_quantize
 from studio.methods.hessian import HessianAccumulator, collect_hessians
-from studio.methods.grid import quantize_rtn
+from studio.methods.grid import quantize_rtn_dense
 from studio.methods.rtn import group_size_problems
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class MixedPrecision(Method):
                 w = weight_matrix(module)
                 h = hessians[name].hessian
                 errors[name] = {
-                    b: relative_output_error(w, quantize_rtn(w, b, params.group_size, params.symmetric).dequantize(), h)
+                    b: relative_output_error(w, quantize_rtn_dense(w, b, params.group_size, params.symmetric)[1], h)
                     for b in range(params.min_bits, params.max_bits + 1)
                 }
         return errors
@@ -161,8 +161,7 @@ class MixedPrecision(Method):
                 result = gptq_quantize(w, hessian, gptq)
                 quant, new = result.quant, result.weight
             else:
-                quant = quantize_rtn(w, bits[name], params.group_size, params.symmetric)
-                new = quant.dequantize().to(w.dtype)
+                quant, new = quantize_rtn_dense(w, bits[name], params.group_size, params.symmetric)
             report = LayerReport(name, bits=bits[name], group_size=params.group_size, parameters=w.numel())
             ctx.replace_weight(name, module, new, report, quant=quant)
 

@@ -15,7 +15,7 @@ from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
 from studio.core.state import packed_size
 from studio.core.structure import in_out_features, iter_layers, weight_matrix
-from studio.methods.grid import quantize_rtn
+from studio.methods.grid import quantize_rtn_dense
 
 COMMON_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 RTN_WEIGHTS_PER_SECOND = 1.5e8  # bench/bench_engine.py measured 1.9e8 on an idle 2-core CPU; kept cautious
@@ -73,7 +73,7 @@ class RTN(Method):
         for _, layers in ctx.blocks():
             for name, module in layers.items():
                 w = weight_matrix(module)
-                q = quantize_rtn(w, params.bits, params.group_size, params.symmetric)
+                q, dense = quantize_rtn_dense(w, params.bits, params.group_size, params.symmetric)
                 report = LayerReport(name, bits=params.bits, group_size=params.group_size, parameters=w.numel())
-                ctx.replace_weight(name, module, q.dequantize().to(w.dtype), report, quant=q)
+                ctx.replace_weight(name, module, dense, report, quant=q)
         return StepOutcome(ctx.reports, {"bits": params.bits, "group_size": params.group_size})

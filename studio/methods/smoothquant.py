@@ -43,9 +43,16 @@ from studio.core.calibration import DEFAULT_CALIBRATION_TOKENS
 from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
 from studio.core.state import packed_size
-from studio.core.structure import in_out_features, is_linear, iter_layers, set_weight_matrix, weight_matrix
+from studio.core.structure import (
+    in_out_features,
+    is_linear,
+    iter_layers,
+    set_weight_matrix,
+    weight_matrix,
+    write_weight_matrix,
+)
 from studio.methods.activation_quant import quantize_inputs
-from studio.methods.grid import quantize_rtn
+from studio.methods.grid import quantize_rtn_dense
 from studio.methods.rtn import RTN_WEIGHTS_PER_SECOND
 
 OBSERVED_ROWS = 64  # input rows per layer compared while finding groups and checking a fold
@@ -207,21 +214,30 @@ def _detect_input_groups(bp: BlockPass, targeted: set[str]) -> list[InputGroup]:
     return groups
 
 
-def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor) -> None:
+def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor, in_place: bool = False) -> None:
     """Eq. 3: the group's weights become W·diag(s), the absorber's output X·diag(s)^-1. Rebinds tensors,
-    never writes into them (the working copy shares storage with the original model)."""
+    never writes into them (the working copy shares storage with the original model), unless the run is
+    `in_place`: then every tensor is written into."""
     s = s.float()
+    write = write_weight_matrix if in_place else set_weight_matrix
+
+    def write_vector(parameter, new):
+        if in_place:
+            parameter.data.copy_(new)
+        else:
+            parameter.data = new.to(parameter.dtype)
+
     for module in group.modules(block):
-        set_weight_matrix(module, weight_matrix(module).float() * s)
+        write(module, weight_matrix(module).float() * s)
     absorber = block.get_submodule(group.absorber.name)
     if group.absorber.kind == "norm":
         weight, offset = absorber.weight, group.absorber.offset
-        weight.data = ((weight.data.float() + offset) / s - offset).to(weight.dtype)
+        write_vector(weight, (weight.data.float() + offset) / s - offset)
     else:
-        set_weight_matrix(absorber, weight_matrix(absorber).float() / s[:, None])
+        write(absorber, weight_matrix(absorber).float() / s[:, None])
     bias = getattr(absorber, "bias", None)
     if bias is not None:
-        bias.data = (bias.data.float() / s).to(bias.dtype)
+        write_vector(bias, bias.data.float() / s)
 
 
 # --- calibration statistics ----------------------------------------------------------------------------
@@ -308,7 +324,8 @@ def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return torch.where(act_max > 0, s, torch.ones_like(s))
 
 
-def smooth_block(bp: BlockPass, known: dict, alpha: float, after_linear: bool = False) -> list[InputGroup]:
+def smooth_block(bp: BlockPass, known: dict, alpha: float, after_linear: bool = False,
+                 in_place: bool = False) -> list[InputGroup]:
     """Migrate the activation outliers of the block's groups into their weights; the block's function is
     unchanged. Every scale is computed from the block as it was, then all are folded."""
     groups = [
@@ -323,16 +340,16 @@ def smooth_block(bp: BlockPass, known: dict, alpha: float, after_linear: bool = 
         for g in groups
     ]
     for group, s in zip(groups, scales):
-        fold_scales(bp.block, group, s)
+        fold_scales(bp.block, group, s, in_place=in_place)
     return groups
 
 
 def _quantize_w8a8(ctx: StepContext, layers: dict[str, nn.Module], params: SmoothQuantParams) -> None:
     for name, module in layers.items():
         w = weight_matrix(module)
-        q = quantize_rtn(w, params.weight_bits, 0, True)
+        q, dense = quantize_rtn_dense(w, params.weight_bits, 0, True)
         report = LayerReport(name, bits=params.weight_bits, group_size=0, parameters=w.numel())
-        ctx.replace_weight(name, module, q.dequantize().to(w.dtype), report, quant=q)
+        ctx.replace_weight(name, module, dense, report, quant=q)
         quantize_inputs(module, params.activation_bits)
 
 
@@ -362,7 +379,7 @@ class SmoothQuant(Method):
             known: dict = {}
             for bp in ctx.layerwise():
                 full = {inner: name for name, inner in inner_names(bp).items()}
-                for group in smooth_block(bp, known, params.alpha, params.smooth_after_linear):
+                for group in smooth_block(bp, known, params.alpha, params.smooth_after_linear, ctx.in_place):
                     smoothed.extend(full[inner] for inner in group.layers)
                 _quantize_w8a8(ctx, bp.layers, params)
         else:

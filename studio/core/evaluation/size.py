@@ -6,16 +6,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from studio.core.state import compression_state
 from studio.core.summary import unique_tensors
 
 
+_SAME_WIDTH_INT = {4: torch.int32, 2: torch.int16, 8: torch.int64}
+
+
+def _count_nonzero(t: torch.Tensor) -> int:
+    """torch.count_nonzero, counted on the bits of |t|: float count_nonzero slows down threefold on weights
+    with many scattered zeros (quantized ones: about one in eight), the integer count does not; abs first so
+    that -0.0 counts as zero."""
+    width = _SAME_WIDTH_INT.get(t.element_size())
+    if not t.is_floating_point() or width is None or not t.is_contiguous():
+        return int(t.count_nonzero())
+    return int(t.abs().view(width).count_nonzero())
+
+
 def size_report(model: nn.Module, folder: str | Path | None = None) -> dict[str, Any]:
     params = set(model.parameters())
     total = sum(p.numel() for p in params)
-    nonzero = sum(int(p.count_nonzero()) for p in params)
+    nonzero = sum(_count_nonzero(p.detach()) for p in params)
     memory = sum(t.numel() * t.element_size() for t in unique_tensors(model))
     # compressed bytes: quantized layers at their packed size, everything else as stored
     compressed = memory
