@@ -133,3 +133,16 @@ def test_size_speed_and_generation(tokenizer, tmp_path):
     assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
     out = generate_samples(model, tokenizer, ("The fox",), max_new_tokens=4)
     assert out[0]["prompt"] == "The fox" and isinstance(out[0]["completion"], str)
+
+
+def test_size_report_counts_nonzeros_exactly_negative_zeros_included():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3000, 2000, bias=False), nn.Linear(8, 8).to(torch.bfloat16))
+    with torch.no_grad():
+        w = model[0].weight
+        w[w.abs() < 0.01] = 0.0  # scattered zeros, past the first chunk of the count
+        w[0, :10] = -0.0  # a masked negative weight: zero, though its bits are not
+        model[1].weight[0] = 0.0
+    expected = sum(int(p.count_nonzero()) for p in model.parameters())
+    assert size_report(model)["nonzero_parameters"] == expected

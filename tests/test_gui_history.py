@@ -108,7 +108,7 @@ def test_a_failed_run_is_recorded(qtbot, window, tiny_folder, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(rtn, "quantize_rtn", boom)
+    monkeypatch.setattr(rtn, "quantize_rtn_dense", boom)
     shown = []
     monkeypatch.setattr(QMessageBox, "critical", lambda parent, title, text, *a: shown.append(text))
     window.load(str(tiny_folder))

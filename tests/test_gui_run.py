@@ -55,13 +55,13 @@ def slow_rtn(monkeypatch):
     """RTN that takes a while per layer, so a cancel from the GUI side lands mid-run on a tiny model."""
     from studio.methods import rtn
 
-    quantize = rtn.quantize_rtn
+    quantize = rtn.quantize_rtn_dense
 
     def slow(*args, **kwargs):
         time.sleep(0.03)
         return quantize(*args, **kwargs)
 
-    monkeypatch.setattr(rtn, "quantize_rtn", slow)
+    monkeypatch.setattr(rtn, "quantize_rtn_dense", slow)
 
 
 def test_a_run_reports_its_signals_in_order_and_feeds_the_charts(qtbot, controller, tiny_loaded, text_file):
@@ -167,7 +167,7 @@ def test_a_failing_run_emits_failed_and_the_controller_starts_again(qtbot, contr
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(rtn, "quantize_rtn", broken)
+    monkeypatch.setattr(rtn, "quantize_rtn_dense", broken)
     with qtbot.waitSignal(controller.failed, timeout=WAIT_MS) as blocker:
         controller.start(parse_recipe(TWO_STEPS), tiny_loaded)
     assert "boom" in blocker.args[0] and "step 2" in blocker.args[0]

@@ -99,13 +99,13 @@ def test_a_user_compresses_a_model_from_start_to_end(qtbot, window, tiny_folder,
 
     from studio.methods import rtn
 
-    quantize = rtn.quantize_rtn
+    quantize = rtn.quantize_rtn_dense
 
     def slow_quantize(*args, **kwargs):  # a tiny model runs faster than the GUI thread sees its first block
         time.sleep(0.03)
         return quantize(*args, **kwargs)
 
-    monkeypatch.setattr(rtn, "quantize_rtn", slow_quantize)
+    monkeypatch.setattr(rtn, "quantize_rtn_dense", slow_quantize)
 
     window.controller.progress.connect(cancel_at_first_block)
     with qtbot.waitSignal(window.controller.cancelled, timeout=120_000):

@@ -236,7 +236,7 @@ def test_cli_records_a_failed_run(capsys, monkeypatch, tmp_path, tiny_folder):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(rtn_module, "quantize_rtn", boom)
+    monkeypatch.setattr(rtn_module, "quantize_rtn_dense", boom)
     monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path / "data"))
     recipe = tmp_path / "rtn.yaml"
     recipe.write_text(rtn(4).to_yaml())

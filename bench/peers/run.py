@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         if "perplexity" in old and side.tool not in rerun and len(old.get("runs", [None])) >= args.repeat:
             continue
         result = run_job(side, work, folder, calibration, settings, side.tool in rerun, args.repeat)
-        if "error" not in result and "perplexity" in old and old.get("weights_sha256") == result["weights_sha256"]:
+        same_weights = old.get("weights_sha256") == result.get("weights_sha256", "-")
+        if "error" not in result and "perplexity" in old and same_weights:
             result.update({k: old[k] for k in ("perplexity", "kl", "top1", "zero_fraction")})  # the same weights
         elif "error" not in result:
             result.update(evaluator.evaluate(work / "jobs" / key, result))
