@@ -216,11 +216,8 @@ def run_job(side: Side, work: Path, folder: Path, calibration: Path, settings: d
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ---------------------------------------------------------------- 4. one evaluation for everything

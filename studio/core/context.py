@@ -17,7 +17,7 @@ from studio.core.errors import RecipeError
 from studio.core.events import CancelToken, EventCallback, Metric, Progress, Warning
 from studio.core.registry import LayerReport
 from studio.core.state import compression_state, update_record
-from studio.core.structure import set_weight_matrix, weight_matrix, write_weight_matrix
+from studio.core.structure import set_weight_matrix, weight_matrix
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class StepContext:
         relative error, and drop records a previous step made that no longer describe the weight."""
         old = weight_matrix(module)
         report.error = float((new.float() - old.float()).norm() / old.float().norm().clamp_min(1e-12))
-        (write_weight_matrix if self.in_place else set_weight_matrix)(module, new)
+        set_weight_matrix(module, new, in_place=self.in_place)
         previous = compression_state(self.model).get(name)
         if previous is not None and previous.quant is not None and "quant" not in record:
             record["quant"] = None

@@ -42,25 +42,20 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.t() if not _is_dense_linear(module) else w
 
 
-def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+def set_weight_matrix(module: nn.Module, w: torch.Tensor, *, in_place: bool = False) -> None:
     """Give the layer a new (out, in) weight tensor. Rebinds `.data`, never writes in place, so a clone that
-    shares storage with the original model leaves the original untouched."""
-    w = w.t().contiguous() if not _is_dense_linear(module) else w.contiguous()
-    module.weight.data = w.to(module.weight.dtype)
-
-
-def write_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
-    """Write the (out, in) weight into the layer's own tensor, for runs on the model itself (no copy shares
-    it). A new tensor would leave the old one alive where the checkpoint is memory-mapped: one mapping holds
-    every weight of the file until the last of them is freed."""
+    shares storage with the original model leaves the original untouched. With `in_place` (a run on the model
+    itself, nothing shares it) the weight is written into the layer's own tensor when the shape is kept: a new
+    tensor would leave the old one alive where the checkpoint is memory-mapped, since one mapping holds every
+    weight of the file until the last of them is freed."""
     import torch
 
-    current = weight_matrix(module)
-    if current.shape != w.shape:
-        set_weight_matrix(module, w)
+    if in_place and weight_matrix(module).shape == w.shape:
+        with torch.no_grad():
+            weight_matrix(module).copy_(w)
         return
-    with torch.no_grad():
-        current.copy_(w)
+    w = w.t().contiguous() if not _is_dense_linear(module) else w.contiguous()
+    module.weight.data = w.to(module.weight.dtype)
 
 
 def text_config(model: nn.Module):
