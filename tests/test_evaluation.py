@@ -1,5 +1,6 @@
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -146,3 +147,38 @@ def test_size_report_counts_nonzeros_exactly_negative_zeros_included():
         model[1].weight[0] = 0.0
     expected = sum(int(p.count_nonzero()) for p in model.parameters())
     assert size_report(model)["nonzero_parameters"] == expected
+
+
+def _rss_file_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile line")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are released on Linux only")
+def test_counting_a_mapped_checkpoint_does_not_keep_it_resident_nor_lose_what_was_written(tmp_path):
+    import mmap
+
+    from studio.core.evaluation.size import _count_nonzero
+
+    values = torch.randn(8 << 20)  # 32 MiB
+    values[::7] = 0.0
+    path = tmp_path / "weights.bin"
+    path.write_bytes(values.numpy().tobytes())
+
+    def mapped():  # what transformers does with a safetensors file: a private, writable mapping
+        with open(path, "r+b") as f:
+            return torch.frombuffer(mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE), dtype=torch.float32)
+
+    plain = mapped()
+    before = _rss_file_bytes()
+    assert float(plain.abs().sum()) > 0  # a plain read keeps every page: the measure sees 32 MiB
+    assert _rss_file_bytes() - before > 24 << 20
+
+    weights = mapped()
+    weights[: 1 << 20] = 5.0  # the first 4 MiB written: private copies, which must survive the release
+    before = _rss_file_bytes()
+    assert _count_nonzero(weights) == int(values.count_nonzero()) + (1 << 20) - int(values[: 1 << 20].count_nonzero())
+    assert _rss_file_bytes() - before < 2 << 20
+    assert bool((weights[: 1 << 20] == 5.0).all()) and torch.equal(weights[1 << 20 :], values[1 << 20 :])

@@ -116,6 +116,43 @@ def test_the_dense_folder_keeps_the_codes_and_masks_for_a_later_export(tmp_path,
     assert "model.layers.0.mlp.up_proj" not in edited and len(edited) == 3 * 7 - 1
 
 
+def test_state_files_from_before_bit_packing_still_load_and_damaged_codes_are_dropped(tmp_path, tokenizer, caplog):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from studio.core.loading import load_model
+    from studio.core.state import compression_state
+
+    recipe = parse_recipe({"schema_version": 2, "steps": [
+        {"method": "rtn", "params": {"bits": 3, "group_size": 32, "symmetric": False}}]})
+    result = run_recipe(recipe, LoadedModel(tiny_model(), tokenizer, {}))
+    out = export_hf_folder(result.model, tokenizer, tmp_path / "out", recipe=recipe, report=result.report)
+    state_file = out / "studio_state.safetensors"
+    with safe_open(str(state_file), framework="pt") as f:
+        meta, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    layers = json.loads(meta["layers"])
+    old = dict(tensors)
+    for name, info in layers.items():  # the earlier layout: 3-bit codes two to a byte, no `packing` key
+        codes = compression_state(result.model)[name].quant.codes.reshape(-1)
+        old[f"{name}.codes"] = codes[0::2] | (codes[1::2] << 4)
+    old_layers = {name: {k: v for k, v in info.items() if k != "packing"} for name, info in layers.items()}
+    save_file(old, str(state_file), metadata={**meta, "layers": json.dumps(old_layers)})
+    restored = compression_state(load_model(str(out)).model)
+    assert restored.keys() == compression_state(result.model).keys()
+    for name, record in compression_state(result.model).items():
+        assert torch.equal(restored[name].quant.codes, record.quant.codes)
+
+    damaged = dict(tensors)
+    damaged["model.layers.0.mlp.up_proj.codes"] = tensors["model.layers.0.mlp.up_proj.codes"][:-3]
+    save_file(damaged, str(state_file), metadata=meta)
+    reloaded = load_model(str(out))
+    assert "model.layers.0.mlp.up_proj" not in compression_state(reloaded.model)
+    assert len(compression_state(reloaded.model)) == len(layers) - 1
+    assert "the codes of model.layers.0.mlp.up_proj are damaged" in caplog.text
+
+
 def test_a_failing_gguf_export_never_touches_an_existing_file(tmp_path, tokenizer, monkeypatch):
     import studio.core.export.gguf_file as gguf_file
     from studio.core.export import export_model

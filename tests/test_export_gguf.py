@@ -3,6 +3,7 @@ when llama-cpp-python is installed, llama.cpp itself."""
 
 import json
 import logging
+from dataclasses import replace
 
 import gguf
 import numpy as np
@@ -20,7 +21,7 @@ from studio.core.export.gguf_file import gguf_plan, load_gguf_with_transformers
 from studio.core.loading import LoadedModel
 from studio.core.recipe import parse_recipe
 from studio.core.runner import run_recipe
-from studio.core.state import LayerRecord, QuantizedWeight, compression_state
+from studio.core.state import LayerRecord, compression_state
 from studio.methods.grid import quantize_rtn
 
 IDS = torch.arange(3, 40)[None]  # longer than the tiny Gemma 3's sliding window (8)
@@ -100,7 +101,7 @@ def test_untied_head_is_written_as_output_and_gemma_norms_carry_the_offset(tmp_p
 def test_blocks_hold_the_codes_as_gguf_dequantizes_them(bits, symmetric, group_size):
     w = torch.randn(6, 128, generator=torch.Generator().manual_seed(bits))
     q = quantize_rtn(w, bits, group_size, symmetric)
-    q = QuantizedWeight(q.codes, q.scales.half().float(), q.zeros, bits, group_size, symmetric)  # fp16 scales
+    q = replace(q, scales=q.scales.half().float())  # fp16 scales
     expected = q.dequantize().numpy()
     fits = [name for name in BY_SIZE if holds_codes(q, name)]
     assert smallest_container(q) == (fits[0] if fits else None)
@@ -118,7 +119,7 @@ def test_hqq_float_zero_points_go_into_q4_1_blocks(tmp_path, tokenizer):
     layer = "model.layers.1.mlp.down_proj"
     q = quantize_rtn(model.get_submodule(layer).weight, 3, 64, False)
     zeros = (q.zeros.float() + 0.37).half()  # HQQ's optimized zero points are fractional float16 values
-    q = QuantizedWeight(q.codes, q.scales, zeros, 3, 64, False)
+    q = replace(q, zeros=zeros)
     assert not holds_codes(q, "Q4_0") and not holds_codes(q, "Q8_0") and smallest_container(q) == "Q4_1"
     model.get_submodule(layer).weight.data = q.dequantize()
     compression_state(model)[layer] = LayerRecord(quant=q)
@@ -141,8 +142,7 @@ def test_rtn_codes_are_written_as_they_are(tmp_path, tokenizer, bits, symmetric,
     for layer, record in state.items():
         qtype, values = file_layer(tensors, model, layer)
         in_memory = model.get_submodule(layer).weight.numpy()
-        stored = QuantizedWeight(record.quant.codes, record.quant.scales.half(), record.quant.zeros, bits,
-                                 record.quant.group_size, symmetric).dequantize().numpy()
+        stored = replace(record.quant, scales=record.quant.scales.half()).dequantize().numpy()
         assert qtype == expected
         if symmetric:  # d = fp16(scale), q = code: exactly what the codes and the fp16 scales give
             np.testing.assert_array_equal(values, stored)
@@ -156,8 +156,7 @@ def test_rtn_codes_are_written_as_they_are(tmp_path, tokenizer, bits, symmetric,
 def test_fp16_scales_make_the_file_equal_the_model_bit_for_bit(tmp_path, tokenizer):
     model = quantized("qwen2", tokenizer, 4)
     for layer, record in compression_state(model).items():  # a quantizer that keeps its scales in fp16
-        quant = QuantizedWeight(record.quant.codes, record.quant.scales.half().float(), record.quant.zeros, 4, 32,
-                                True)
+        quant = replace(record.quant, scales=record.quant.scales.half().float())
         model.get_submodule(layer).weight.data = quant.dequantize()
         compression_state(model)[layer] = LayerRecord(quant=quant)
     result = export(model, tokenizer, tmp_path / "m.gguf", type="Q4_0")

@@ -172,3 +172,37 @@ def test_cancel_after_the_first_block_leaves_the_original_untouched(method, toke
     assert max(e.done for e in seen if isinstance(e, Progress)) == 1
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not compression_state(model) and not any(isinstance(e, Warning) for e in seen)
+
+
+def test_sparsegpt_prunes_o_proj_on_the_inputs_the_pruned_q_k_v_give(tokenizer, text_file, monkeypatch):
+    from studio.core.calibration import CalibrationSettings, load_calibration_tokens
+
+    given = {}
+    inverse_hessian = SparseGPT.inverse_hessian
+
+    def recording(ctx, name, hessian, damp):
+        given[name] = hessian.hessian.clone()
+        return inverse_hessian(ctx, name, hessian, damp)
+
+    monkeypatch.setattr(SparseGPT, "inverse_hessian", staticmethod(recording))
+    model, result = prune("llama", "sparsegpt", tokenizer, text_file, sparsity=0.5)
+    o_proj = "model.layers.0.self_attn.o_proj"
+    settings = CalibrationSettings(text_file=str(text_file), samples=4, seq_len=32, batch_size=2)
+    tokens = load_calibration_tokens(tokenizer, settings)
+
+    def o_proj_hessian(m):  # block 0 sees the embeddings either way; o_proj sees what q/k/v make of them
+        accumulator = HessianAccumulator(m.get_submodule(o_proj).in_features)
+        hook = m.get_submodule(o_proj).register_forward_pre_hook(
+            lambda _, args: accumulator.add(args[0].reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            for batch in tokens.split(2):
+                m(batch)
+        hook.remove()
+        return accumulator.hessian
+
+    qkv_pruned = tiny_model("llama")
+    for name in ("q_proj", "k_proj", "v_proj"):
+        layer = f"model.layers.0.self_attn.{name}"
+        qkv_pruned.get_submodule(layer).weight.data = result.model.get_submodule(layer).weight.data.clone()
+    assert not torch.allclose(given[o_proj], o_proj_hessian(tiny_model("llama")), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(given[o_proj], o_proj_hessian(qkv_pruned), rtol=1e-4, atol=1e-6)

@@ -126,6 +126,8 @@ def load_calibration_tokens(tokenizer: Any, settings: CalibrationSettings) -> to
     else:
         raise RecipeError("The calibration section names no 'text_file' or 'dataset'.")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    del text
+    return_free_memory()  # the tokenizer's working memory (tens of MiB) would otherwise stay with the heap
     if len(ids) < settings.seq_len + 1:
         raise RecipeError(
             f"Calibration text '{source}' has {len(ids)} tokens, fewer than one sample of seq_len "

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # torch loads lazily: the window must open fast
 from studio.core.calibration import CalibrationData, layerwise
 from studio.core.errors import RecipeError
 from studio.core.events import CancelToken, EventCallback, Metric, Progress, Warning
+from studio.core.memory import return_free_memory
 from studio.core.registry import LayerReport
 from studio.core.state import compression_state, update_record
 from studio.core.structure import set_weight_matrix, weight_matrix
@@ -51,11 +52,13 @@ class StepContext:
 
     def blocks(self):
         """(block index, layers) in order; checks for cancellation before each block and reports progress
-        after it, so a method written as a plain loop gets both for free."""
+        after it, so a method written as a plain loop gets both for free. What a block freed goes back to the
+        system before the next (return_free_memory), so the heap does not carry it to the end of the step."""
         total = len(self.layers)
         for done, (block, layers) in enumerate(self.layers.items()):
             self.cancel.check()
             yield block, layers
+            return_free_memory()
             self.emit(Progress(self.index, done + 1, total, "block", f"block {block}"))
 
     def replace_weight(self, name: str, module: nn.Module, new: torch.Tensor, report: LayerReport, **record) -> None:

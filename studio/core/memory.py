@@ -1,9 +1,11 @@
-"""Process memory: current RSS, the peak RSS over a stretch of work (sampled by a background thread), and
-the allocator setting that keeps work spread over threads from multiplying it."""
+"""Process memory: current RSS, the peak RSS over a stretch of work (sampled by a background thread), the
+allocator setting that keeps work spread over threads from multiplying it, and letting go of checkpoint pages
+that were only read."""
 
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 import threading
 
@@ -46,6 +48,38 @@ def share_one_malloc_arena() -> None:
     libc = _glibc()
     if libc is not None:
         libc.mallopt(_M_ARENA_MAX, 1)
+
+
+_MADV_DONTNEED = 4
+_PAGEMAP_PRESENT, _PAGEMAP_FILE = 1 << 63, 1 << 61  # /proc/self/pagemap: in memory; a page of a file (or shared)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def release_read_only_file_pages(address: int, length: int) -> None:
+    """Unmap the pages of [address, address + length) that are unmodified pages of a memory-mapped file.
+
+    transformers maps safetensors checkpoints into memory, so merely reading a weight (to count its zeros, say)
+    keeps it in this process's resident set for good, though the page cache holds it and a later read finds it
+    there again. Only pages that /proc/self/pagemap shows as present file pages are released: a page this process
+    wrote to is a private anonymous copy and is never touched. Call it only where nothing writes to the range
+    at the same time (a write between the check and the release would be lost). Elsewhere than Linux: nothing."""
+    libc = _glibc()
+    if libc is None or length <= 0:
+        return
+    first, end = address // _PAGE, -(-(address + length) // _PAGE)
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            raw = os.pread(pagemap.fileno(), (end - first) * 8, first * 8)
+    except OSError:
+        return
+    import numpy as np
+
+    flags = np.frombuffer(raw, dtype=np.uint64)
+    file_page = ((flags & np.uint64(_PAGEMAP_PRESENT)) != 0) & ((flags & np.uint64(_PAGEMAP_FILE)) != 0)
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], file_page, [False])).astype(np.int8)))
+    for start, stop in zip(edges[0::2].tolist(), edges[1::2].tolist()):  # runs of file pages: [start, stop)
+        address, length = ctypes.c_void_p((first + start) * _PAGE), ctypes.c_size_t((stop - start) * _PAGE)
+        libc.madvise(address, length, _MADV_DONTNEED)
 
 
 def rss_bytes() -> int:

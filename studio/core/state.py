@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 from typing import TYPE_CHECKING
 
+from studio.core.packing import pack_codes, packed_length, unpack_codes
+
 if TYPE_CHECKING:  # torch loads lazily: the window must open fast
     import torch
     from torch import nn
@@ -21,17 +23,43 @@ STATE_ATTR = "studio_state"
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """W ≈ (codes - zeros) * scales, per group of `group_size` input columns (0: one group per row)."""
+    """W ≈ (codes - zeros) * scales, per group of `group_size` input columns (0: one group per row).
 
-    codes: torch.Tensor  # (out, in) uint8 in [0, 2**bits - 1]
+    The codes are held packed at their bit width (studio.core.packing): a 4-bit layer keeps half a byte per
+    weight, not a byte. Build one from plain codes with `from_codes`; `codes` unpacks them."""
+
+    packed: torch.Tensor  # uint8, the (out, in) codes in [0, 2**bits - 1] packed at `bits` bits each
+    shape: tuple[int, int]  # (out, in)
     scales: torch.Tensor  # (out, groups)
     zeros: torch.Tensor  # (out, groups): integer-valued uint8 (2**(bits-1) when symmetric), or float16 (HQQ)
     bits: int
     group_size: int
     symmetric: bool
 
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                   group_size: int, symmetric: bool) -> QuantizedWeight:
+        out_f, in_f = codes.shape
+        return cls(pack_codes(codes, bits), (out_f, in_f), scales, zeros, bits, group_size, symmetric)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The (out, in) uint8 codes, unpacked (a new tensor each time)."""
+        return unpack_codes(self.packed, self.bits, self.shape)
+
+    def take_rows(self, start: int, stop: int, scale_dtype: torch.dtype) -> QuantizedWeight:
+        """Output rows [start, stop) as a layer of their own (scales in `scale_dtype`); the packed bytes are
+        sliced as they are when the rows start on a whole run of 8 codes."""
+        out_f, in_f = self.shape
+        if (start * in_f) % 8 == 0 and ((stop * in_f) % 8 == 0 or stop == out_f):
+            packed = self.packed[start * in_f // 8 * self.bits : packed_length(stop * in_f, self.bits)].clone()
+        else:
+            packed = pack_codes(self.codes[start:stop], self.bits)
+        return QuantizedWeight(packed, (stop - start, in_f), self.scales[start:stop].to(scale_dtype),
+                               self.zeros[start:stop], self.bits, self.group_size, self.symmetric)
+
     def dequantize(self) -> torch.Tensor:
-        out_f, in_f = self.codes.shape
+        out_f, in_f = self.shape
         width = self.group_size or in_f
         codes = self.codes.view(out_f, in_f // width, width).float()
         w = (codes - self.zeros[..., None].float()) * self.scales[..., None].float()
@@ -41,12 +69,12 @@ class QuantizedWeight:
         """Whether these codes still give `weight` (a later edit of the weights leaves stale codes)."""
         import torch
 
-        if tuple(self.codes.shape) != tuple(weight.shape):
+        if tuple(self.shape) != tuple(weight.shape):
             return False
         return torch.allclose(self.dequantize().to(weight.dtype).float(), weight.float(), rtol=1e-3, atol=1e-6)
 
     def packed_bytes(self) -> int:
-        out_f, in_f = self.codes.shape
+        out_f, in_f = self.shape
         return packed_size(out_f, in_f, self.bits, self.group_size, self.symmetric,
                            float_zeros=self.zeros.is_floating_point())
 

@@ -3,7 +3,8 @@ marks) saved beside a dense export as `studio_state.safetensors`, and restored w
 again, so `studio export RUN_FOLDER --format gguf` still writes the codes the run chose instead of quantizing
 the dense weights a second time. Plain transformers ignores the file.
 
-Codes of 4 bits or fewer are stored two to a byte and masks one bit per weight. On load every record is checked
+Codes are stored packed at their bit width as the record holds them (studio.core.packing; files written before
+that kept codes of 4 bits or fewer two to a byte, and are still read), masks one bit per weight. On load every record is checked
 against the dense weight it describes; one that no longer matches (the weights were edited) is dropped."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from studio.core.packing import packed_length
 from studio.core.state import STATE_ATTR, LayerRecord, QuantizedWeight, compression_state
 
 if TYPE_CHECKING:
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 STATE_FILE = "studio_state.safetensors"
+BIT_PACKING = "bits"  # `packing` of a layer whose codes are stored as studio.core.packing packs them
 
 
 def save_state(model: nn.Module, folder: Path) -> bool:
@@ -37,8 +40,9 @@ def save_state(model: nn.Module, folder: Path) -> bool:
         info: dict[str, Any] = {"sparsity_pattern": record.sparsity_pattern}
         if record.quant is not None:
             q = record.quant
-            info.update(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, shape=list(q.codes.shape))
-            tensors[f"{name}.codes"] = _pack_nibbles(q.codes) if q.bits <= 4 else q.codes.contiguous()
+            info.update(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, shape=list(q.shape),
+                        packing=BIT_PACKING)
+            tensors[f"{name}.codes"] = q.packed.contiguous()
             tensors[f"{name}.scales"] = q.scales.contiguous()
             tensors[f"{name}.zeros"] = q.zeros.contiguous()
         if record.mask is not None:
@@ -79,13 +83,14 @@ def restore_state(model: nn.Module, folder: Path) -> list[str]:
         record = LayerRecord(sparsity_pattern=info.get("sparsity_pattern"))
         weight = weight_matrix(module)
         if "bits" in info:
-            codes = tensors[f"{name}.codes"]
-            shape = tuple(info["shape"])
-            codes = _unpack_nibbles(codes, shape) if info["bits"] <= 4 else codes
-            quant = QuantizedWeight(codes, tensors[f"{name}.scales"].to(weight.dtype), tensors[f"{name}.zeros"],
-                                    info["bits"], info["group_size"], info["symmetric"])
-            if not quant.describes(weight):
-                warnings.append(f"{path}: the codes of {name} no longer match its weights and were dropped")
+            try:
+                quant = _quantized_weight(info, tensors[f"{name}.codes"],
+                                          tensors[f"{name}.scales"].to(weight.dtype), tensors[f"{name}.zeros"])
+                problem = None if quant.describes(weight) else "no longer match its weights"
+            except (KeyError, ValueError) as exc:
+                problem = f"are damaged ({exc})"
+            if problem:
+                warnings.append(f"{path}: the codes of {name} {problem} and were dropped")
             else:
                 record = LayerRecord(quant=quant, sparsity_pattern=record.sparsity_pattern)
         if "mask_shape" in info:
@@ -102,13 +107,15 @@ def restore_state(model: nn.Module, folder: Path) -> list[str]:
     return warnings
 
 
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    flat = codes.reshape(-1)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return (flat[0::2] | (flat[1::2] << 4)).contiguous()
+def _quantized_weight(info: dict[str, Any], stored: torch.Tensor, scales: torch.Tensor,
+                      zeros: torch.Tensor) -> QuantizedWeight:
+    bits, shape = info["bits"], tuple(info["shape"])
+    if info.get("packing") == BIT_PACKING:
+        if stored.numel() != packed_length(math.prod(shape), bits):
+            raise ValueError(f"{stored.numel()} bytes do not hold {shape} codes of {bits} bits")
+        return QuantizedWeight(stored, shape, scales, zeros, bits, info["group_size"], info["symmetric"])
+    codes = _unpack_nibbles(stored, shape) if bits <= 4 else stored  # a file from before bit packing
+    return QuantizedWeight.from_codes(codes, scales, zeros, bits, info["group_size"], info["symmetric"])
 
 
 def _unpack_nibbles(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -186,10 +186,11 @@ class AWQ(Method):
         return group_size_problems(layers, params.group_size)
 
     def estimate(self, layers, params: AWQParams) -> Estimate:
-        weights = [m.weight for _, m in iter_layers(layers)]
-        n = sum(w.numel() for w in weights)
-        largest = max((w.numel() for w in weights), default=0)
-        extra = sum(w.numel() * (w.element_size() + 1) for w in weights) + 8 * largest * 4
+        modules = [m for _, m in iter_layers(layers)]
+        n = sum(m.weight.numel() for m in modules)
+        largest = max((m.weight.numel() for m in modules), default=0)
+        extra = sum(m.weight.numel() * m.weight.element_size() + self.stored_bytes(m, params) for m in modules)
+        extra += 8 * largest * 4
         searches = params.grid + (int(MAX_SHRINK * params.grid) if params.clip else 0)
         work = n * (params.search_tokens * searches + 2 * DEFAULT_CALIBRATION_TOKENS)
         return Estimate(extra_bytes=extra, seconds=work / WEIGHT_TOKENS_PER_SECOND)

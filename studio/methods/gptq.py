@@ -28,7 +28,12 @@ from studio.core.registry import Estimate, Family, LayerReport, Method, MethodPa
 from studio.core.state import QuantizedWeight, packed_size
 from studio.core.structure import in_out_features, iter_layers, weight_matrix
 from studio.methods.grid import grid_params
-from studio.methods.hessian import HessianAccumulator, dead_columns, inverse_hessian_cholesky
+from studio.methods.hessian import (
+    HessianAccumulator,
+    compress_stages_with_hessians,
+    dead_columns,
+    inverse_hessian_cholesky,
+)
 from studio.methods.rtn import group_size_problems
 
 if TYPE_CHECKING:
@@ -168,7 +173,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, params: GPTQParams) ->
         _column_loop(Wt, Hinv, codes, scale, zero, order, params, static, width)
 
     codes = codes.t()[:, torch.argsort(order)]
-    quant = QuantizedWeight(
+    quant = QuantizedWeight.from_codes(
         codes=codes.to(w.device, torch.uint8),
         scales=scale.to(w.device, w.dtype),
         zeros=zero.to(w.device, torch.uint8),
@@ -191,9 +196,7 @@ def gptq_quantize_rows(weights: list[torch.Tensor], hessian: torch.Tensor, param
     for w in weights:
         rows = slice(start, start + w.shape[0])
         start += w.shape[0]
-        q = stacked.quant
-        quant = QuantizedWeight(q.codes[rows], q.scales[rows].to(w.dtype), q.zeros[rows], q.bits, q.group_size,
-                                q.symmetric)
+        quant = stacked.quant.take_rows(rows.start, rows.stop, w.dtype)
         results.append(GPTQResult(quant, stacked.weight[rows].to(w.dtype), stacked.damp, stacked.damp_raised))
     return results
 
@@ -212,7 +215,8 @@ class GPTQ(Method):
 
     def estimate(self, layers, params: GPTQParams) -> Estimate:
         widths = [in_out_features(m) for _, m in iter_layers(layers)]
-        extra = sum(i * o * 5 for i, o in widths) + max((i * i * 4 * 3 for i, _ in widths), default=0)
+        extra = sum(i * o * 4 + packed_size(o, i, params.bits, params.group_size, params.symmetric)
+                    for i, o in widths) + max((i * i * 4 * 3 for i, _ in widths), default=0)
         flops = sum(i * i * o for i, o in widths)  # the column updates dominate
         return Estimate(extra_bytes=extra, seconds=flops / 2e9)
 
@@ -221,16 +225,13 @@ class GPTQ(Method):
         return packed_size(out_f, in_f, params.bits, params.group_size, params.symmetric)
 
     def apply(self, ctx: StepContext, params: GPTQParams) -> StepOutcome:
-        raised, unreached = [], []
+        raised: list[str] = []
 
-        def quantize(block_pass, hessians: dict[tuple[str, ...], HessianAccumulator], names: tuple[str, ...]):
-            if names not in hessians:  # no calibration token reached these layers (e.g. an unused expert)
-                unreached.extend(names)
-                return
+        def quantize(block_pass, names: tuple[str, ...], hessian: HessianAccumulator):
             modules = [block_pass.layers[n] for n in names]
             weights = [weight_matrix(m) for m in modules]
             try:
-                results = gptq_quantize_rows(weights, hessians.pop(names).hessian, params)
+                results = gptq_quantize_rows(weights, hessian.hessian, params)
             except ValueError as exc:  # the Hessian stayed indefinite: the calibration data is too thin
                 raise StudioError(f"step {ctx.index + 1} (gptq), layer {names[0]}: {exc}.") from None
             for name, module, w, result in zip(names, modules, weights, results):
@@ -241,13 +242,7 @@ class GPTQ(Method):
                 report = LayerReport(name, bits=params.bits, group_size=params.group_size, parameters=w.numel())
                 ctx.replace_weight(name, module, result.weight, report, quant=result.quant)
 
-        for block_pass in ctx.layerwise():
-            hessians: dict[tuple[str, ...], HessianAccumulator] = {}
-
-            def observe(names, x):
-                hessians.setdefault(names, HessianAccumulator(x.shape[-1])).add(x)
-
-            block_pass.compress_in_stages(observe, lambda names: quantize(block_pass, hessians, names))
+        unreached = compress_stages_with_hessians(ctx, quantize)
         if unreached:
             ctx.warn(f"{len(unreached)} layers were never reached by the calibration tokens and stay unquantized: "
                      f"{', '.join(unreached[:5])}{' ...' if len(unreached) > 5 else ''}")

@@ -52,7 +52,7 @@ def quantize_rtn_dense(w: torch.Tensor, bits: int, group_size: int,
     codes = grid.to(torch.uint8)
     stored_scale = scale.to(w.dtype)  # dequantize with the scale as stored, like QuantizedWeight.dequantize
     dense = grid.sub_(zero3).mul_(stored_scale.float()[..., None])
-    quant = QuantizedWeight(
+    quant = QuantizedWeight.from_codes(
         codes=codes.reshape(out_f, in_f),
         scales=stored_scale,
         zeros=zero.to(torch.uint8),

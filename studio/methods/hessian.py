@@ -128,3 +128,25 @@ def collect_hessians(block_pass, keep_outputs: bool = False) -> dict[str, Hessia
     else:
         block_pass.observe_inputs(observe)
     return hessians
+
+
+def compress_stages_with_hessians(ctx, compress) -> list[str]:
+    """Every block of `ctx` compressed stage by stage in the order the block calls its layers
+    (BlockPass.compress_in_stages), each stage handed the Hessian of the inputs the stages before it give it once
+    compressed: `compress(block_pass, names, accumulator)`. Returns the layers no calibration token reached (an
+    unused expert, say), which are left as they are."""
+    unreached: list[str] = []
+    for block_pass in ctx.layerwise():
+        hessians: dict[tuple[str, ...], HessianAccumulator] = {}
+
+        def observe(names, x):
+            hessians.setdefault(names, HessianAccumulator(x.shape[-1])).add(x)
+
+        def compress_stage(names, block_pass=block_pass, hessians=hessians):
+            if names not in hessians:
+                unreached.extend(names)
+            else:
+                compress(block_pass, names, hessians.pop(names))
+
+        block_pass.compress_in_stages(observe, compress_stage)
+    return unreached

@@ -137,7 +137,7 @@ def quantize_hqq(w: torch.Tensor, params: HQQParams, zero_point: str | None = No
         zero = optimize_zero(scaled, scale, rtn_zero, params.bits, params, stored_as=torch.float16)
         zero = zero.to(torch.float16)
     codes = codes_on_grid(scaled, zero.float(), params.bits)
-    return QuantizedWeight(
+    return QuantizedWeight.from_codes(
         codes=codes.reshape(out_f, in_f).to(torch.uint8),
         scales=scale.to(w.dtype),
         zeros=zero,
@@ -166,11 +166,12 @@ class HQQ(Method):
         return group_size_problems(layers, params.group_size)
 
     def estimate(self, layers, params: HQQParams) -> Estimate:
-        weights = [m.weight for _, m in iter_layers(layers)]
-        n = sum(w.numel() for w in weights)
-        largest = max((w.numel() for w in weights), default=0)
-        # new dense weights and uint8 codes per layer, plus the float32 working copies of the largest layer
-        extra = sum(w.numel() * (w.element_size() + 1) for w in weights) + largest * 4 * WORKING_COPIES
+        modules = [m for _, m in iter_layers(layers)]
+        n = sum(m.weight.numel() for m in modules)
+        largest = max((m.weight.numel() for m in modules), default=0)
+        # new dense weights and packed codes per layer, plus the float32 working copies of the largest layer
+        extra = sum(m.weight.numel() * m.weight.element_size() + self.stored_bytes(m, params) for m in modules)
+        extra += largest * 4 * WORKING_COPIES
         return Estimate(extra_bytes=extra, seconds=n * (params.iterations + 2) / HQQ_WEIGHT_ITERATIONS_PER_SECOND)
 
     def stored_bytes(self, module, params: HQQParams) -> int:

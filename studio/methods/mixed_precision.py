@@ -110,7 +110,8 @@ class MixedPrecision(Method):
 
     def estimate(self, layers, params: MixedPrecisionParams) -> Estimate:
         widths = [in_out_features(m) for _, m in iter_layers(layers)]
-        extra = sum(i * o * 5 for i, o in widths) + max((i * i * 4 * 3 for i, _ in widths), default=0)
+        extra = sum(i * o * 4 + packed_size(o, i, params.max_bits, params.group_size, params.symmetric)
+                    for i, o in widths) + max((i * i * 4 * 3 for i, _ in widths), default=0)
         candidates = params.max_bits - params.min_bits + 1
         seconds = sum(i * o for i, o in widths) * candidates / 5e7 + sum(i * i * o for i, o in widths) / 2e9
         return Estimate(extra_bytes=extra, seconds=seconds)

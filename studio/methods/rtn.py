@@ -59,10 +59,10 @@ class RTN(Method):
         return group_size_problems(layers, params.group_size)
 
     def estimate(self, layers, params: RTNParams) -> Estimate:
-        weights = [m.weight for _, m in iter_layers(layers)]
-        n = sum(w.numel() for w in weights)
-        # the compressed copy gets new dense weights plus uint8 codes; the original keeps its own
-        extra = sum(w.numel() * (w.element_size() + 1) for w in weights)
+        modules = [m for _, m in iter_layers(layers)]
+        n = sum(m.weight.numel() for m in modules)
+        # the compressed copy gets new dense weights plus packed codes; the original keeps its own
+        extra = sum(m.weight.numel() * m.weight.element_size() + self.stored_bytes(m, params) for m in modules)
         return Estimate(extra_bytes=extra, seconds=n / RTN_WEIGHTS_PER_SECOND)
 
     def stored_bytes(self, module, params: RTNParams) -> int:

@@ -355,9 +355,9 @@ class SmoothQuant(Method):
     Params = SmoothQuantParams
 
     def estimate(self, layers, params: SmoothQuantParams) -> Estimate:
-        weights = [m.weight for _, m in iter_layers(layers)]
-        n = sum(w.numel() for w in weights)
-        extra = sum(w.numel() * (w.element_size() + 1) for w in weights)
+        modules = [m for _, m in iter_layers(layers)]
+        n = sum(m.weight.numel() for m in modules)
+        extra = sum(m.weight.numel() * m.weight.element_size() + self.stored_bytes(m, params) for m in modules)
         calibration_pass = n * DEFAULT_CALIBRATION_TOKENS / WEIGHT_TOKENS_PER_SECOND if params.smooth else 0.0
         return Estimate(extra_bytes=extra, seconds=n / RTN_WEIGHTS_PER_SECOND + 2 * calibration_pass)
 

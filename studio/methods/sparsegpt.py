@@ -14,7 +14,9 @@ Per linear layer, the pruned weight Ŵ should keep the layer's output on calibra
 - Lazy batch updates (section 3.4): the errors of the whole block reach the later blocks in one matrix product,
   W[:, end:] −= Err · U[block, end:].
 
-Blocks of the model are pruned in order, each observed on the inputs the already pruned blocks give it.
+Blocks of the model are pruned in order, each observed on the inputs the already pruned blocks give it, and
+inside a block the layers are pruned in the order the block calls them, each seeing the inputs the layers before
+it give once pruned (GPTQ's "true sequential" order; layers reading the same input, q/k/v, share one Hessian).
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from studio.core.context import StepContext
 from studio.core.errors import RecipeError
 from studio.core.registry import Estimate, Family, LayerReport, Method, StepOutcome, register
 from studio.core.structure import in_out_features, iter_layers, weight_matrix
-from studio.methods.hessian import HessianAccumulator, InverseHessian, collect_hessians, inverse_hessian_cholesky
+from studio.methods.hessian import (
+    HessianAccumulator,
+    InverseHessian,
+    compress_stages_with_hessians,
+    inverse_hessian_cholesky,
+)
 from studio.methods.magnitude import nm_mask
 from studio.methods.wanda import (
     CPU_FLOPS_PER_SECOND,
@@ -129,15 +136,21 @@ class SparseGPT(Method):
 
     def apply(self, ctx: StepContext, params: SparseGPTParams) -> StepOutcome:
         nm = parse_pattern(params.pattern)
-        for block in ctx.layerwise():
-            hessians = collect_hessians(block)
-            for name, module in block.layers.items():
+
+        def prune(block_pass, names: tuple[str, ...], hessian: HessianAccumulator):
+            inverse = self.inverse_hessian(ctx, names[0], hessian, params.damp)  # one input, one inverse
+            for name in names:
                 ctx.cancel.check()
-                inverse = self.inverse_hessian(ctx, name, hessians.pop(name), params.damp)
+                module = block_pass.layers[name]
                 w = weight_matrix(module)
                 pruned, mask = sparsegpt_prune(w, inverse, params.sparsity, nm, params.block_size)
                 report = LayerReport(name, sparsity=1 - mask.float().mean().item(), parameters=w.numel())
                 ctx.replace_weight(name, module, pruned.to(w.dtype), report, mask=mask, sparsity_pattern=params.pattern)
+
+        unreached = compress_stages_with_hessians(ctx, prune)
+        if unreached:
+            ctx.warn(f"{len(unreached)} layers were never reached by the calibration tokens and stay dense: "
+                     f"{', '.join(unreached[:5])}{' ...' if len(unreached) > 5 else ''}")
         return StepOutcome(ctx.reports, summary(ctx.reports, params.pattern))
 
     @staticmethod

@@ -45,7 +45,7 @@ from studio.core.context import StepContext
 from studio.core.errors import RecipeError
 from studio.core.events import Metric
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
-from studio.core.state import compression_state
+from studio.core.state import QuantizedWeight, compression_state
 from studio.core.structure import (
     find_decoder_blocks,
     in_out_features,
@@ -515,8 +515,9 @@ def carry_record(ctx: StepContext, name: str, rows, columns) -> None:
     quant = record.quant
     if quant is not None:
         if columns is None or quant.group_size == 0:
-            changes["quant"] = replace(quant, codes=_take(quant.codes, rows, columns),
-                                       scales=_take(quant.scales, rows, None), zeros=_take(quant.zeros, rows, None))
+            changes["quant"] = QuantizedWeight.from_codes(
+                _take(quant.codes, rows, columns), _take(quant.scales, rows, None), _take(quant.zeros, rows, None),
+                quant.bits, quant.group_size, quant.symmetric)
         else:
             changes["quant"] = None
             ctx.warn(f"{name}: its quantization groups are split by the removed channels, so its codes were "

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from studio.core.memory import release_read_only_file_pages
 from studio.core.state import compression_state
 from studio.core.summary import unique_tensors
 
@@ -26,7 +27,12 @@ def _count_nonzero(t: torch.Tensor) -> int:
     width = _SAME_WIDTH_INT.get(t.element_size())
     if not t.is_floating_point() or width is None or not t.is_contiguous():
         return int(t.count_nonzero())
-    return sum(int(chunk.abs().view(width).count_nonzero()) for chunk in t.view(-1).split(_CHUNK))
+    count = 0
+    for chunk in t.view(-1).split(_CHUNK):
+        count += int(chunk.abs().view(width).count_nonzero())
+        if chunk.device.type == "cpu":  # read, not changed: a memory-mapped checkpoint need not stay resident
+            release_read_only_file_pages(chunk.data_ptr(), chunk.numel() * chunk.element_size())
+    return count
 
 
 def size_report(model: nn.Module, folder: str | Path | None = None) -> dict[str, Any]:
