@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from studio import __version__
+from studio.cli.search import add_search_parser
 from studio.core.errors import RecipeError, StudioError
 
 GGUF_TYPE_CHOICES = ("auto", "F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")  # formats.GGUF_TYPES
@@ -99,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the bundled recipe presets")
 
+    _model_options(add_search_parser(sub))
+
     p = sub.add_parser("history", help="list the runs recorded in the run history, newest first")
     p.add_argument("--filter", metavar="TEXT", help="only runs whose model, recipe, status or export path has TEXT")
     p.add_argument("--status", choices=["finished", "failed", "cancelled"], help="only runs that ended so")
+    p.add_argument("--search", metavar="ID", help="only the candidates of this recipe search (`studio search` prints its id)")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     return parser
 
@@ -394,12 +398,12 @@ def _record_run(status, report, recipe, source, export, error, started_at) -> No
 def cmd_history(args) -> int:
     from studio.core.history import RunHistory
 
-    records = RunHistory().list(args.filter, args.status)
+    records = RunHistory().list(args.filter, args.status, search_id=args.search)
     if args.json:
         print(json.dumps([r.to_dict() for r in records], indent=2, default=str))
         return EXIT_OK
     if not records:
-        print("no runs recorded" + (" that match" if args.filter or args.status else ""))
+        print("no runs recorded" + (" that match" if args.filter or args.status or args.search else ""))
         return EXIT_OK
     print(f"{'id':>4}  {'finished':<16}  {'status':<9}  {'model':<24}  {'recipe':<24}  {'perplexity':>19}  "
           f"{'KL':>8}  {'MiB':>17}  {'seconds':>8}  export")
@@ -576,5 +580,11 @@ def _print_export_summary(result) -> None:
             print(f"  not checked with {loader}: {reason}")
 
 
+def cmd_search(args) -> int:
+    from studio.cli.search import cmd_search as search
+
+    return search(args, _load)
+
+
 COMMANDS = {"info": cmd_info, "methods": cmd_methods, "eval": cmd_eval, "run": cmd_run, "export": cmd_export, "presets": cmd_presets,
-            "history": cmd_history}
+            "history": cmd_history, "search": cmd_search}

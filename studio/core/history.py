@@ -28,7 +28,7 @@ from studio.core.recipe import Recipe, parse_recipe
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILE_NAME = "history.sqlite"
 STATUSES = ("finished", "failed", "cancelled")
 T = TypeVar("T")
@@ -58,12 +58,16 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_finished_at ON runs (finished_at);
 """
 
-# version -> SQL turning a database of that version into the next version
-MIGRATIONS: dict[int, str] = {}
+# version -> SQL turning a database of that version into the next version (a new file starts at version 1
+# and is migrated like an old one)
+MIGRATIONS: dict[int, str] = {
+    1: "ALTER TABLE runs ADD COLUMN search_id TEXT NOT NULL DEFAULT '';\n"  # the search a candidate run belongs to
+       "CREATE INDEX IF NOT EXISTS runs_search_id ON runs (search_id);",
+}
 
 LIST_COLUMNS = (
     "id, started_at, finished_at, status, error, recipe_name, recipe_yaml, model_name, model_identity, "
-    "model_source, baseline_perplexity, final_perplexity, kl, size_before, size_after, seconds, export_paths"
+    "model_source, baseline_perplexity, final_perplexity, kl, size_before, size_after, seconds, export_paths, search_id"
 )
 
 
@@ -90,6 +94,7 @@ class RunRecord:
     size_after: int | None = None
     seconds: float | None = None
     export_paths: list[str] = field(default_factory=list)
+    search_id: str = ""  # the recipe search this run was a candidate of ('' for other runs)
     report: dict[str, Any] | None = None  # only from RunHistory.get: list() leaves the (large) report out
 
     @property
@@ -128,23 +133,24 @@ def model_identity(source: dict[str, Any]) -> str:
     return str(source.get("path") or source.get("repo_id") or source.get("name") or "")
 
 
-def pareto_front(records: list[RunRecord]) -> list[int]:
-    """Ids of the finished runs no other run beats on both compressed size and final perplexity (lower is better
-    on both; equal on both is not beaten), smallest size first. Runs missing either number are left out."""
-    points = [
-        r for r in records
-        if r.status == "finished" and r.size_after is not None and r.final_perplexity is not None
-    ]
+def pareto_points(points: list[tuple[T, float, float]]) -> list[T]:
+    """Keys of the (key, size, loss) points no other point beats on both (lower is better on both; equal on both
+    is not beaten), smallest size first, then lowest loss, then key."""
     front = [
-        r for r in points
-        if not any(
-            o.size_after <= r.size_after and o.final_perplexity <= r.final_perplexity
-            and (o.size_after < r.size_after or o.final_perplexity < r.final_perplexity)
-            for o in points
-        )
+        p for p in points
+        if not any(o[1] <= p[1] and o[2] <= p[2] and (o[1] < p[1] or o[2] < p[2]) for o in points)
     ]
-    front.sort(key=lambda r: (r.size_after, r.final_perplexity, r.id))
-    return [r.id for r in front]
+    front.sort(key=lambda p: (p[1], p[2], p[0]))
+    return [p[0] for p in front]
+
+
+def pareto_front(records: list[RunRecord]) -> list[int]:
+    """Ids of the finished runs no other run beats on both compressed size and final perplexity, smallest size
+    first. Runs missing either number are left out."""
+    return pareto_points([
+        (r.id, r.size_after, r.final_perplexity) for r in records
+        if r.status == "finished" and r.size_after is not None and r.final_perplexity is not None
+    ])
 
 
 class RunHistory:
@@ -173,10 +179,9 @@ class RunHistory:
         with conn:
             conn.executescript(SCHEMA)
             row = conn.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-                return
-            version = row[0]
+            if row is None:  # SCHEMA is version 1's
+                conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+            version = row[0] if row is not None else 1
         if version > SCHEMA_VERSION:
             raise HistoryError(
                 f"The run history '{self.path}' was written by a newer Compression Studio (schema {version}, this "
@@ -226,8 +231,10 @@ class RunHistory:
         *,
         error: str | None = None,
         started_at: float | None = None,
+        search_id: str = "",
     ) -> int:
-        """Store one ended run; returns its id. Missing pieces (a failed run has no final metrics) stay empty."""
+        """Store one ended run; returns its id. Missing pieces (a failed run has no final metrics) stay empty.
+        `search_id` marks a candidate of a recipe search (`list(search_id=...)` lists a search's candidates)."""
         if result_status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, not {result_status!r}")
         report = dict(report or {})
@@ -249,7 +256,7 @@ class RunHistory:
             _number(_nested(report, "baseline", "perplexity")), _number(_nested(report, "final", "perplexity")),
             _number(_nested(report, "final", "kl")),
             _nested(report, "size_before", "compressed_bytes"), _nested(report, "size_after", "compressed_bytes"),
-            seconds, json.dumps(report, default=str), json.dumps(exports),
+            seconds, json.dumps(report, default=str), json.dumps(exports), search_id,
         )
 
         def insert(conn: sqlite3.Connection) -> int:
@@ -257,7 +264,7 @@ class RunHistory:
                 cursor = conn.execute(
                     "INSERT INTO runs (started_at, finished_at, status, error, recipe_name, recipe_yaml, model_name, "
                     "model_identity, model_source, baseline_perplexity, final_perplexity, kl, size_before, "
-                    "size_after, seconds, report, export_paths) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "size_after, seconds, report, export_paths, search_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     row,
                 )
                 return int(cursor.lastrowid)
@@ -285,15 +292,21 @@ class RunHistory:
         self._use(remove)
 
     # --- reading --------------------------------------------------------------------------------------------
-    def list(self, filter_text: str | None = None, status: str | None = None) -> list[RunRecord]:
-        """Runs, newest first; `filter_text` matches model, recipe, status, error or export path (any case)."""
+    def list(self, filter_text: str | None = None, status: str | None = None,
+             search_id: str | None = None) -> list[RunRecord]:
+        """Runs, newest first; `filter_text` matches model, recipe, status, error, export path or search id (any
+        case); `search_id` keeps only that search's candidates."""
         where, args = [], []
+        if search_id is not None:
+            where.append("search_id = ?")
+            args.append(search_id)
         if status:
             where.append("status = ?")
             args.append(status)
         if filter_text and filter_text.strip():
             pattern = "%" + filter_text.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            fields = ("model_name", "model_identity", "recipe_name", "recipe_yaml", "status", "error", "export_paths")
+            fields = ("model_name", "model_identity", "recipe_name", "recipe_yaml", "status", "error", "export_paths",
+                      "search_id")
             where.append("(" + " OR ".join(f"{f} LIKE ? ESCAPE '\\'" for f in fields) + ")")
             args += [pattern] * len(fields)
         sql = f"SELECT {LIST_COLUMNS} FROM runs"

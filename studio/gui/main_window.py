@@ -1,6 +1,6 @@
-"""The studio window: docks for the model, the pipeline, live charts, the comparison, the run history and the
-log; menus, toolbar and status bar; model loading, runs and exports in worker threads. Errors are shown in a
-dialog and the log, and the window stays usable."""
+"""The studio window: docks for the model, the pipeline, the recipe search, live charts, the comparison, the run
+history and the log; menus, toolbar and status bar; model loading, runs, searches and exports in worker threads.
+Errors are shown in a dialog and the log, and the window stays usable."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ from studio.gui.pipeline_editor import PipelineEditor
 from studio.gui.recent_files import RecentFiles
 from studio.gui.run_controller import RunController
 from studio.gui.run_progress import RunProgress
+from studio.gui.search_results import BUDGET_SUFFIX
+from studio.gui.search_view import SearchView
 from studio.gui.tasks import ExportTask, LoadModelTask, Task
 from studio.gui.theme import THEMES, apply_theme
 
@@ -85,6 +87,7 @@ class MainWindow(QMainWindow):
         self.charts = LiveCharts()
         self.compare = CompareView()
         self.history_view = HistoryView(open_history())
+        self.search_view = SearchView(self.history_view.history)  # candidates land in the same run history
         self._run_context = None  # (recipe, model source, start time) of the run going, for the history
         self._result_run_id: int | None = None  # the history id of self.result
         self.log_panel = LogPanel()
@@ -113,6 +116,9 @@ class MainWindow(QMainWindow):
                                Qt.DockWidgetArea.BottomDockWidgetArea)
         self.model_dock = self._dock("Model", "modelDock", self.model_panel, left)
         self.pipeline_dock = self._dock("Pipeline", "pipelineDock", self.editor, right)
+        self.search_dock = self._dock("Search", "searchDock", self.search_view, right)
+        self.tabifyDockWidget(self.pipeline_dock, self.search_dock)  # a search ends in a recipe for the pipeline
+        self.pipeline_dock.raise_()
         self.charts_dock = self._dock("Charts", "chartsDock", self.charts, bottom)
         self.log_dock = self._dock("Log", "logDock", self.log_panel, bottom)
         self.splitDockWidget(self.charts_dock, self.log_dock, Qt.Orientation.Horizontal)
@@ -124,8 +130,8 @@ class MainWindow(QMainWindow):
         self.resizeDocks([self.model_dock, self.pipeline_dock], [440, 1100], Qt.Orientation.Horizontal)
         self.resizeDocks([self.charts_dock, self.log_dock], [1100, 440], Qt.Orientation.Horizontal)
         self.resizeDocks([self.pipeline_dock, self.charts_dock], [500, 420], Qt.Orientation.Vertical)
-        self.docks = [self.model_dock, self.pipeline_dock, self.charts_dock, self.compare_dock, self.history_dock,
-                      self.log_dock]
+        self.docks = [self.model_dock, self.pipeline_dock, self.search_dock, self.charts_dock, self.compare_dock,
+                      self.history_dock, self.log_dock]
 
     def _action(self, text: str, slot, shortcut=None, tip: str = "", icon=None) -> QAction:
         action = QAction(text, self)
@@ -162,6 +168,8 @@ class MainWindow(QMainWindow):
         self.undo_action.setShortcuts(Key.Undo)
         self.redo_action = self.editor.undo_stack.createRedoAction(self, "&Redo")
         self.redo_action.setShortcuts(Key.Redo)
+        self.search_action = self._action("&Search for a recipe…", self.show_search, "Ctrl+Shift+F",
+                                          "Search recipes under a budget (size, memory or bits per weight)")
         self.reset_layout_action = self._action("Reset &layout", self.reset_layout)
 
     def _build_menus(self) -> None:
@@ -197,6 +205,8 @@ class MainWindow(QMainWindow):
 
         run = bar.addMenu("&Run")
         run.addActions([self.run_action, self.cancel_action])
+        run.addSeparator()
+        run.addAction(self.search_action)
         bar.addMenu("&Help").addAction("&About", self._about)
 
     def _build_toolbar(self) -> None:
@@ -238,6 +248,10 @@ class MainWindow(QMainWindow):
         c.cancelled.connect(self._run_cancelled)
         c.ended.connect(self._run_ended)
         self.history_view.open_recipe.connect(self._open_history_recipe)
+        self.search_view.open_recipe.connect(self._open_search_recipe)
+        self.search_view.controller.running_changed.connect(self._search_running_changed)
+        self.search_view.search_ended.connect(self._search_ended)
+        self.search_view.error.connect(lambda message: self.log_panel.error(f"Search: {message}"))
         self.history_view.compare.connect(self._show_comparison)
         c.running_changed.connect(self._running_changed)
         self.compare.error.connect(self._show_error)
@@ -265,6 +279,7 @@ class MainWindow(QMainWindow):
             self.editor.splitter.restoreState(splitter)
         self.editor.set_eval_text(str(s.value("pipeline/evalText") or ""))
         self.editor.set_calibration_text(str(s.value("pipeline/calibText") or ""))
+        self.search_view.suggest_text_files(self.editor.eval_text(), self.editor.calibration_text())
         self.set_theme(str(s.value("view/theme") or "system"))
 
     def save_settings(self) -> None:
@@ -284,6 +299,7 @@ class MainWindow(QMainWindow):
         # told explicitly: palette-change events also reach half-destroyed widgets of closed windows
         self.charts.follow_palette()
         self.compare.follow_palette()
+        self.search_view.follow_palette()
         self.settings.setValue("view/theme", name)
 
     def _theme_chosen(self, action: QAction) -> None:
@@ -302,6 +318,13 @@ class MainWindow(QMainWindow):
                 return
             self.controller.cancel()
             self.controller.wait(30_000)
+        if self.search_view.running:
+            answer = QMessageBox.question(self, "A search is going", "Cancel the search and quit?")
+            if answer != QMessageBox.StandardButton.Yes:
+                event.ignore()
+                return
+            self.search_view.cancel()
+            self.search_view.controller.wait(60_000)
         self.save_settings()
         self.charts.set_sampling(False)
         self.log_panel.release()
@@ -336,6 +359,7 @@ class MainWindow(QMainWindow):
         task.signals.done.connect(self._model_loaded)
         task.signals.failed.connect(self._model_failed)
         self._start(task)
+        self._update_actions()
 
     def _start(self, task: Task) -> None:
         self._tasks.add(task)
@@ -359,6 +383,8 @@ class MainWindow(QMainWindow):
         self.result = None
         self.model_panel.show_model(self.loaded, self.summary)
         self.editor.set_model(self.loaded)
+        self.search_view.set_model(self.loaded)
+        self.search_view.suggest_text_files(self.editor.eval_text(), self.editor.calibration_text())
         self.compare.clear()
         if not self.controller.running:
             self.progress.hide()
@@ -376,6 +402,7 @@ class MainWindow(QMainWindow):
         self._load_task = None
         if not self.controller.running:
             self.progress.hide()
+        self._update_actions()
         self.statusBar().showMessage("Loading failed")
         self._show_error("Could not open the model", message)
 
@@ -384,6 +411,8 @@ class MainWindow(QMainWindow):
         """Why Run is disabled, or '' when it is not."""
         if self.controller.running:
             return "A run is going: wait for it or cancel it."
+        if self.search_view.running:
+            return "A search is going: wait for it or cancel it (Search dock)."
         if self._load_task is not None:
             return "A model is loading."
         if self.loaded is None:
@@ -403,7 +432,9 @@ class MainWindow(QMainWindow):
         self.run_hint.setToolTip(blocker)
         self.cancel_action.setEnabled(running)
         for action in (self.open_file_action, self.open_folder_action, self.open_spec_action):
-            action.setEnabled(not running)
+            action.setEnabled(not running and not self.search_view.running)
+        self.search_view.set_blocker("A run is going: wait for it or cancel it." if running else
+                                     "A model is loading." if self._load_task is not None else "")
         exportable = self.result is not None and self.result.model is not None and not running
         self.export_action.setEnabled(exportable)
         self.export_action.setToolTip(
@@ -496,10 +527,41 @@ class MainWindow(QMainWindow):
         self._result_run_id = self.history_view.record_run(result, recipe, source, started_at)
 
     def _open_history_recipe(self, recipe) -> None:
-        self.editor.set_recipe(recipe, "Open recipe from history")
+        self.open_recipe_from(recipe, "the history")
+
+    def _open_search_recipe(self, recipe) -> None:
+        self.open_recipe_from(recipe, "the search")
+
+    def open_recipe_from(self, recipe, where: str) -> None:
+        """Put a recipe object (a past run's, a search candidate's) in the pipeline editor, ready to run or save."""
+        self.editor.set_recipe(recipe, f"Open recipe from {where}")
         self.editor.current_path = None  # Save asks for a file rather than overwriting the one open before
         self.pipeline_dock.raise_()
-        self.statusBar().showMessage(f"Opened the recipe {recipe.name or '(untitled)'} from the history")
+        self.statusBar().showMessage(f"Opened the recipe {recipe.name or '(untitled)'} from {where}")
+
+    # --- the recipe search --------------------------------------------------------------------------------
+    def show_search(self) -> None:
+        self.search_dock.show()
+        self.search_dock.raise_()
+
+    def _search_running_changed(self, running: bool) -> None:
+        spec = self.search_view.searching
+        if running and spec is not None:
+            executor = self.search_view.executor_combo.currentText()
+            self.log_panel.note(f"Search started: {spec.name or 'untitled'}, {spec.trials} candidates under "
+                                f"{spec.budget.value:g}{BUDGET_SUFFIX[spec.budget.kind]}, on {executor.lower()}")
+            self.statusBar().showMessage("Searching recipes…")
+        self._update_actions()
+
+    def _search_ended(self, result) -> None:
+        self.history_view.refresh()  # its candidates were recorded as runs
+        if result is None:
+            self.statusBar().showMessage("The search failed")
+            return
+        message = (f"Search {result.search_id} {result.status}: {len(result.candidates)} candidate(s), "
+                   f"{len(result.front)} on the Pareto front")
+        self.statusBar().showMessage(message)
+        self.log_panel.note(message)
 
     def _show_comparison(self, report: dict) -> None:
         self.compare.show_report(report)

@@ -46,7 +46,7 @@ def apply_theme(name: str) -> None:
 def follow_palette(plot) -> None:
     """Give a pyqtgraph PlotWidget the palette's colours (base background, text-coloured axes and title) instead
     of pyqtgraph's fixed black; call again when the palette changes."""
-    palette = plot.palette()
+    palette = QApplication.palette(plot)  # the widget's own palette follows a new application palette only later
     text = palette.color(QPalette.ColorRole.WindowText)
     plot.setBackground(palette.color(QPalette.ColorRole.Base))
     item = plot.getPlotItem()
