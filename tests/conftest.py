@@ -170,3 +170,20 @@ def window(qtbot, settings_file, errors):
     qtbot.addWidget(win)
     win.show()
     return win
+
+
+def search_spec_data(text_file, **changes) -> dict:
+    """A recipe search small enough for a test on the tiny Llama (tests/test_search.py, tests/test_gui_search.py)."""
+    data = {
+        "name": "tiny",
+        "budget": {"kind": "bits_per_weight", "value": 4.0},
+        "objective": "kl",  # a random model's perplexity is flat; its KL to the original is not
+        "trials": 6,
+        "batch_size": 2,
+        "seed": 3,
+        "space": {"quantization": {"group_sizes": [32, 64], "symmetric": [True, False], "budget_fraction": [0.6, 1.0]}},
+        "calibration": {"text_file": str(text_file), "samples": 4, "seq_len": 32},
+        "evaluation": {"text_file": str(text_file), "tokens": 256, "window": 64, "stride": 64},
+    }
+    data.update(changes)
+    return data

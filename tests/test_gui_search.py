@@ -10,22 +10,7 @@ pytest.importorskip("pytestqt")
 import yaml  # noqa: E402
 from PySide6.QtCore import Qt  # noqa: E402
 
-
-def spec_data(text_file, **changes) -> dict:
-    """A search small enough for a test on the tiny Llama (its KL to the original moves; its perplexity hardly)."""
-    data = {
-        "name": "tiny",
-        "budget": {"kind": "bits_per_weight", "value": 4.0},
-        "objective": "kl",
-        "trials": 6,
-        "batch_size": 2,
-        "seed": 3,
-        "space": {"quantization": {"group_sizes": [32, 64], "symmetric": [True, False], "budget_fraction": [0.6, 1.0]}},
-        "calibration": {"text_file": str(text_file), "samples": 4, "seq_len": 32},
-        "evaluation": {"text_file": str(text_file), "tokens": 256, "window": 64, "stride": 64},
-    }
-    data.update(changes)
-    return data
+from conftest import search_spec_data as spec_data  # noqa: E402
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 
+from conftest import search_spec_data as spec_data
 from studio.core.events import CancelToken
 from studio.core.history import RunHistory
 from studio.core.search import (
@@ -27,22 +28,6 @@ from studio.core.search import (
     run_search,
 )
 from studio.core.search.space import build_candidate, model_shape
-
-
-def spec_data(text_file, **changes) -> dict:
-    data = {
-        "name": "tiny",
-        "budget": {"kind": "bits_per_weight", "value": 4.0},
-        "objective": "kl",  # a random model's perplexity is flat; its KL to the original is not
-        "trials": 6,
-        "batch_size": 2,
-        "seed": 3,
-        "space": {"quantization": {"group_sizes": [32, 64], "symmetric": [True, False], "budget_fraction": [0.6, 1.0]}},
-        "calibration": {"text_file": str(text_file), "samples": 4, "seq_len": 32},
-        "evaluation": {"text_file": str(text_file), "tokens": 256, "window": 64, "stride": 64},
-    }
-    data.update(changes)
-    return data
 
 
 def dominated(point, others) -> bool:

@@ -230,19 +230,23 @@ def step_problems(vs: ValidatedStep, model: nn.Module, where: str = "recipe") ->
     return [f"{where}, {vs.label}: {p}" for p in vs.method.check(layers, vs.params) + vs.method.check_model(model, vs.params)]
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    path = Path(path)
+def read_yaml_file(path: Path, what: str, error: type[RecipeError] = RecipeError) -> Any:
+    """The YAML document in `path` (a `what`, e.g. "recipe file", for the messages), or `error` saying why not."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"Recipe file '{path}' does not exist.") from None
+        raise error(f"{what[:1].upper()}{what[1:]} '{path}' does not exist.") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"Could not read recipe file '{path}': {exc}") from None
+        raise error(f"Could not read {what} '{path}': {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"'{path}' is not valid YAML: {exc}") from None
-    return parse_recipe(data, where=str(path))
+        raise error(f"'{path}' is not valid YAML: {exc}") from None
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    return parse_recipe(read_yaml_file(path, "recipe file"), where=str(path))
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from studio.core.calibration import CalibrationSettings
 from studio.core.errors import RecipeError
+from studio.core.recipe import read_yaml_file
 
 SCHEMA_VERSION = 1
 BUDGET_KINDS = ("bits_per_weight", "size_mb", "memory_mb")
@@ -182,16 +182,7 @@ def load_search_spec(path: str | os.PathLike, changes: dict[str, Any] | None = N
     """The spec in the YAML file `path`, with `changes` (e.g. {"trials": 8, "evaluation": {"text_file": …}}:
     a section's keys replace the file's) applied before it is checked."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SearchSpecError(f"Search spec '{path}' does not exist.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SearchSpecError(f"Could not read search spec '{path}': {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SearchSpecError(f"'{path}' is not valid YAML: {exc}") from None
+    data = read_yaml_file(path, "search spec", SearchSpecError)
     if changes:
         if not isinstance(data, dict):
             data = {}
