@@ -48,14 +48,19 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor, *, in_place: bool = Fa
     itself, nothing shares it) the weight is written into the layer's own tensor when the shape is kept: a new
     tensor would leave the old one alive where the checkpoint is memory-mapped, since one mapping holds every
     weight of the file until the last of them is freed."""
+    set_tensor(module.weight, w if _is_dense_linear(module) else w.t(), in_place=in_place)
+
+
+def set_tensor(parameter: torch.Tensor, new: torch.Tensor, *, in_place: bool = False) -> None:
+    """Give a parameter new values in its own dtype: rebound to a new tensor, or with `in_place` written into
+    its own one when the shape is kept (see set_weight_matrix for why either)."""
     import torch
 
-    if in_place and weight_matrix(module).shape == w.shape:
+    if in_place and parameter.shape == new.shape:
         with torch.no_grad():
-            weight_matrix(module).copy_(w)
-        return
-    w = w.t().contiguous() if not _is_dense_linear(module) else w.contiguous()
-    module.weight.data = w.to(module.weight.dtype)
+            parameter.data.copy_(new)
+    else:
+        parameter.data = new.contiguous().to(parameter.dtype)
 
 
 def text_config(model: nn.Module):

@@ -43,7 +43,14 @@ from studio.core.calibration import DEFAULT_CALIBRATION_TOKENS
 from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
 from studio.core.state import packed_size
-from studio.core.structure import in_out_features, is_linear, iter_layers, set_weight_matrix, weight_matrix
+from studio.core.structure import (
+    in_out_features,
+    is_linear,
+    iter_layers,
+    set_tensor,
+    set_weight_matrix,
+    weight_matrix,
+)
 from studio.methods.activation_quant import quantize_inputs
 from studio.methods.grid import quantize_rtn_dense
 from studio.methods.rtn import RTN_WEIGHTS_PER_SECOND
@@ -212,24 +219,17 @@ def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor, in_place: 
     never writes into them (the working copy shares storage with the original model), unless the run is
     `in_place`: then every tensor is written into."""
     s = s.float()
-
-    def write_vector(parameter, new):
-        if in_place:
-            parameter.data.copy_(new)
-        else:
-            parameter.data = new.to(parameter.dtype)
-
     for module in group.modules(block):
         set_weight_matrix(module, weight_matrix(module).float() * s, in_place=in_place)
     absorber = block.get_submodule(group.absorber.name)
     if group.absorber.kind == "norm":
         weight, offset = absorber.weight, group.absorber.offset
-        write_vector(weight, (weight.data.float() + offset) / s - offset)
+        set_tensor(weight, (weight.data.float() + offset) / s - offset, in_place=in_place)
     else:
         set_weight_matrix(absorber, weight_matrix(absorber).float() / s[:, None], in_place=in_place)
     bias = getattr(absorber, "bias", None)
     if bias is not None:
-        write_vector(bias, bias.data.float() / s)
+        set_tensor(bias, bias.data.float() / s, in_place=in_place)
 
 
 # --- calibration statistics ----------------------------------------------------------------------------

@@ -40,24 +40,32 @@ def _count_nonzero(t: torch.Tensor, scratch: dict[tuple, torch.Tensor] | None = 
     return count
 
 
-def size_report(model: nn.Module, folder: str | Path | None = None) -> dict[str, Any]:
-    params = set(model.parameters())
-    total = sum(p.numel() for p in params)
-    scratch: dict = {}
-    nonzero = sum(_count_nonzero(p.detach(), scratch) for p in params)
-    memory = sum(t.numel() * t.element_size() for t in unique_tensors(model))
-    # compressed bytes: quantized layers at their packed size, everything else as stored
-    compressed = memory
+def memory_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in unique_tensors(model))
+
+
+def compressed_bytes(model: nn.Module, memory: int | None = None) -> int:
+    """Quantized layers at their packed size, everything else as stored (`memory`: memory_bytes, if known)."""
+    compressed = memory_bytes(model) if memory is None else memory
     state = compression_state(model)
     for name, module in model.named_modules():
         record = state.get(name)
         if record is not None and record.quant is not None:
             compressed += record.quant.packed_bytes() - module.weight.numel() * module.weight.element_size()
+    return compressed
+
+
+def size_report(model: nn.Module, folder: str | Path | None = None) -> dict[str, Any]:
+    params = set(model.parameters())
+    total = sum(p.numel() for p in params)
+    scratch: dict = {}
+    nonzero = sum(_count_nonzero(p.detach(), scratch) for p in params)
+    memory = memory_bytes(model)
     report = {
         "parameters": total,
         "nonzero_parameters": nonzero,
         "memory_bytes": memory,
-        "compressed_bytes": compressed,
+        "compressed_bytes": compressed_bytes(model, memory),
     }
     if folder is not None:
         report["disk_bytes"] = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())

@@ -41,10 +41,10 @@ class ModelShape:
 
 
 def model_shape(model: nn.Module) -> ModelShape:
-    from studio.core.evaluation.size import size_report
+    from studio.core.evaluation.size import compressed_bytes
 
-    layers = {name: in_out_features(m)[::-1] for name, m in iter_layers(target_layers(model, TargetSpec()))}
     modules = dict(iter_layers(target_layers(model, TargetSpec())))
+    layers = {name: in_out_features(m)[::-1] for name, m in modules.items()}
     element = next(iter(modules.values())).weight.element_size() if modules else 4
     dense_targets = sum(m.weight.numel() * m.weight.element_size() for m in modules.values())
     config = text_config(model)
@@ -52,7 +52,7 @@ def model_shape(model: nn.Module) -> ModelShape:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
     blocks = getattr(config, "num_hidden_layers", 0) or 0
-    return ModelShape(layers, element, size_report(model)["compressed_bytes"] - dense_targets,
+    return ModelShape(layers, element, compressed_bytes(model) - dense_targets,
                       2 * blocks * kv_heads * head_dim * 2)
 
 
