@@ -1,6 +1,6 @@
 """A recipe search on SmolLM2-135M under a budget of 3.5 bits per weight, against the uniform recipes that fit.
 
-    python bench/bench_search.py [--trials 12] [--batch 2] [--tokens 8192] [--executor threads] [--json FILE]
+    python bench/bench_search.py [--trials 10] [--batch 1] [--quantizers gptq] [--tokens 4096] [--json FILE]
 
 Every recipe, uniform or searched, is evaluated by the same function on the same tokens (the search's quick
 evaluation: perplexity on WikiText-2 test, and KL / top-1 agreement against the original, window 1024, stride
@@ -35,6 +35,7 @@ UNIFORM = {  # W4 does not fit (4 code bits alone exceed 3.5); g128 does not div
     "RTN W3 g32 sym": {"method": "rtn", "params": {"bits": 3, "group_size": 32, "symmetric": True}},
     "RTN W3 per channel asym": {"method": "rtn", "params": {"bits": 3, "group_size": 0, "symmetric": False}},
     "GPTQ W3 g64 asym": {"method": "gptq", "params": {"bits": 3, "group_size": 64, "symmetric": False}},
+    "GPTQ W3 g32 sym": {"method": "gptq", "params": {"bits": 3, "group_size": 32, "symmetric": True}},
 }
 
 
@@ -94,12 +95,12 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="candidates at once (1: each gets both cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens (perplexity and KL)")
     parser.add_argument("--samples", type=int, default=8, help="calibration samples")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--quantizers", default="rtn", help="the search's quantizers: rtn, gptq or rtn,gptq")
+    parser.add_argument("--quantizers", default="gptq", help="the search's quantizers: rtn, gptq or rtn,gptq")
     parser.add_argument("--executor", default="threads", choices=["threads", "ray"])
     parser.add_argument("--skip-uniform", default="", help="comma-separated uniform recipes not to run")
     parser.add_argument("--json", metavar="FILE")

@@ -94,11 +94,63 @@ def test_a_candidate_is_a_recipe_predicted_within_its_share_of_the_budget(text_f
         candidate = build_candidate(spec, shape, 0, params)
         assert candidate.fits and candidate.predicted_measure <= value * fraction
         step = candidate.recipe.steps[-1]
-        assert step.method == "mixed_precision" and 2 <= step.params["target_bits"] <= 8
+        assert step.method == "mixed_precision" and step.params["target_mb"] * 2**20 + shape.other_bytes \
+            == candidate.predicted_bytes
     tight = parse_search_spec(spec_data(text_file, budget={"kind": "bits_per_weight", "value": 2.2}))
     rejected = build_candidate(tight, shape, 0, {"quantizer": "rtn", "group_size": 32, "symmetric": True,
                                                  "min_bits": 2, "budget_fraction": 1.0})
     assert not rejected.fits and rejected.recipe is None and "even 2 bits" in rejected.reason
+
+
+def test_the_search_offers_only_layouts_that_fit_and_shares_of_the_budget_they_fit_in(text_file, tiny_loaded):
+    from studio.core.search.space import layouts
+
+    spec = parse_search_spec(spec_data(text_file, budget={"kind": "bits_per_weight", "value": 3.5}, space={
+        "quantization": {"group_sizes": [32, 64], "symmetric": [False], "min_bits": [2, 3],
+                         "budget_fraction": [0.5, 1.0]}}))
+    shape = model_shape(tiny_loaded.model)
+    offered = layouts(spec, shape)
+    # g32 asymmetric from 3 bits needs 3 + (16 + 3) / 32 = 3.59 bits per weight: never offered
+    assert sorted((o.group_size, o.min_bits) for o in offered) == [(32, 2), (64, 2), (64, 3)]
+
+    def candidate(layout, fraction):
+        return build_candidate(spec, shape, 0, {"quantizer": "rtn", "group_size": layout.group_size,
+                                                "symmetric": layout.symmetric, "min_bits": layout.min_bits,
+                                                "budget_fraction": fraction})
+
+    for layout in offered:
+        assert candidate(layout, layout.needed_fraction).fits
+        assert not candidate(layout, layout.needed_fraction - 0.001).fits
+    tight = parse_search_spec(spec_data(text_file, budget={"kind": "bits_per_weight", "value": 2.2}, trials=2,
+                                        space={"quantization": {"group_sizes": [32], "symmetric": [True]}}))
+    assert [o.needed_fraction > 1 for o in layouts(tight, shape)] == [True, True]  # 2 and 3 bits: nothing fits
+    result = run_search(tight, tiny_loaded, executor="threads", history=False)
+    assert [c.status for c in result.candidates] == ["over_budget"] * 2
+    assert all("bits per layer would take" in c.error for c in result.candidates)
+
+
+@pytest.mark.parametrize("extra", [{}, {"low_rank_ratio": 0.3}])
+def test_a_candidate_runs_within_its_predicted_size_and_spends_most_of_it(text_file, tiny_loaded, extra):
+    from studio.core.search.engine import budget_measure_bits
+    from studio.core.search.evaluate import evaluate_candidate
+    from studio.core.search.space import factored_shapes
+    from studio.core.state import packed_size
+
+    data = spec_data(text_file, budget={"kind": "bits_per_weight", "value": 3.8})
+    data["space"]["low_rank"] = {"method": "svd", "ratios": [0.0, 0.3]}
+    spec = parse_search_spec(data)
+    shape = model_shape(tiny_loaded.model)
+    params = {"quantizer": "rtn", "group_size": 32, "symmetric": False, "min_bits": 3, "budget_fraction": 1.0,
+              **extra}
+    candidate = build_candidate(spec, shape, 0, params)
+    assert candidate.fits, candidate.reason
+    outcome = evaluate_candidate(tiny_loaded, candidate.recipe.to_dict(), spec.evaluation.config())
+    assert outcome["status"] == "finished", outcome["error"]
+    measured = outcome["report"]["size_after"]["compressed_bytes"]
+    matrices = [m for o, i in shape.layers.values() for m in factored_shapes(o, i, extra.get("low_rank_ratio", 0), 32)]
+    largest_step = max(packed_size(o, i, 4, 32, False) - packed_size(o, i, 3, 32, False) for o, i in matrices)
+    assert candidate.predicted_bytes - largest_step < measured <= candidate.predicted_bytes
+    assert budget_measure_bits(shape, measured) <= 3.8
 
 
 def test_threads_search_respects_the_budget_returns_a_pareto_front_and_records_every_candidate(
@@ -113,6 +165,7 @@ def test_threads_search_respects_the_budget_returns_a_pareto_front_and_records_e
     statuses = {c.status for c in result.candidates}
     assert "finished" in statuses and statuses <= {"finished", "over_budget"}
     assert len(result.candidates) == spec.trials
+    assert all(c.duplicate_of is None for c in result.candidates)  # a proposal that repeats one is asked again
     ran = [c for c in result.candidates if c.status == "finished" and c.duplicate_of is None]
     for c in ran:
         assert c.bits_per_weight <= spec.budget.value and c.measure <= c.predicted_measure + 1e-9
@@ -130,6 +183,16 @@ def test_threads_search_respects_the_budget_returns_a_pareto_front_and_records_e
     assert sorted(r.id for r in records) == sorted(c.run_id for c in ran)
     assert all(r.status == "finished" and r.recipe().to_dict() == result.candidate(
         json.loads(json.dumps(history.get(r.id).report))["search"]["trial"]).recipe.to_dict() for r in records)
+
+
+def test_a_recipe_that_already_ran_is_not_run_again_until_the_space_is_exhausted(text_file, tiny_loaded):
+    spec = parse_search_spec(spec_data(text_file, trials=3, batch_size=1, space={"quantization": {
+        "group_sizes": [32], "symmetric": [False], "min_bits": [2], "budget_fraction": [1.0, 1.0]}}))
+    result = run_search(spec, tiny_loaded, executor="threads", history=False)
+    first, *repeats = result.candidates
+    assert first.status == "finished" and first.duplicate_of is None and len(repeats) == 2
+    assert all(c.duplicate_of == first.trial and c.kl == first.kl for c in repeats)
+    assert [c.trial for c in repeats] == [7, 8]  # six proposals were told the first one's numbers and asked again
 
 
 def test_a_search_cancelled_before_it_starts_runs_nothing_and_says_so(text_file, tiny_loaded, history):

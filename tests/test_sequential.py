@@ -12,7 +12,8 @@ from conftest import ARCHS, calibration_tokens, tiny_model
 from studio.core.calibration import BlockPass, CalibrationData, block_output, _BlockCall, layerwise
 from studio.core.errors import Cancelled
 from studio.core.events import CancelToken
-from studio.core.sequential import learn_stages
+from studio.core import sequential
+from studio.core.sequential import choose_stage_runner, learn_stages, paused_bytes
 from studio.core.structure import TargetSpec, target_layers
 
 
@@ -52,8 +53,10 @@ def halve(block_pass, stage):
         block_pass.layers[name].weight.data = block_pass.layers[name].weight.data * 0.5
 
 
+@pytest.mark.parametrize("runner", ["one_pass", "rerun"])
 @pytest.mark.parametrize("kind", ["llama", "opt", "gpt2"])
-def test_each_stage_sees_the_inputs_the_compressed_stages_before_it_give(kind):
+def test_each_stage_sees_the_inputs_the_compressed_stages_before_it_give(kind, runner, monkeypatch):
+    monkeypatch.setattr(sequential, "choose_stage_runner", lambda block_pass, stages: runner)
     model, block = first_block(kind)
     reference = copy.deepcopy(block.block)
     reference_layers = dict(zip(block.layers, [dict(reference.named_modules())[n.split(f".{block.index}.", 1)[1]]
@@ -79,6 +82,38 @@ def test_each_stage_sees_the_inputs_the_compressed_stages_before_it_give(kind):
                  for b, h in enumerate(inputs)]
     torch.testing.assert_close(torch.cat(staged), torch.cat(again))  # the pass gave the compressed block's outputs
     assert block.outputs() is staged  # and they are reused, not computed again
+
+
+def test_the_one_pass_is_taken_only_while_its_paused_batches_fit_a_quarter_of_the_free_memory(monkeypatch):
+    from studio.core import memory
+
+    _, block = first_block("llama", samples=7)
+    stages = learn_stages(block, {})
+    tokens = sum(h.numel() // h.shape[-1] for h in block.inputs)
+    hidden, widest = block.inputs[0].shape[-1], max(m.in_features for m in block.layers.values())
+    assert paused_bytes(block, stages) == tokens * (2 * hidden + widest) * 4
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * paused_bytes(block, stages))
+    assert choose_stage_runner(block, stages) == "one_pass"
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * paused_bytes(block, stages) - 1)
+    assert choose_stage_runner(block, stages) == "rerun"
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_both_runners_give_every_stage_the_same_inputs_and_the_block_the_same_weights(kind, monkeypatch):
+    def compress_all(runner):
+        monkeypatch.setattr(sequential, "choose_stage_runner", lambda block_pass, stages: runner)
+        model = tiny_model(kind)
+        seen = []
+        for block in layerwise(model, CalibrationData(calibration_tokens(samples=5), 2),
+                               target_layers(model, TargetSpec())):
+            block.compress_in_stages(lambda stage, x: seen.append((stage, x.clone())),
+                                     lambda stage, block=block: halve(block, stage))
+        return model, seen
+
+    (one, seen_one), (rerun, seen_rerun) = compress_all("one_pass"), compress_all("rerun")
+    assert [stage for stage, _ in seen_one] == [stage for stage, _ in seen_rerun]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(seen_one, seen_rerun))
+    assert all(torch.equal(a, b) for a, b in zip(one.parameters(), rerun.parameters()))
 
 
 def test_a_failing_stage_ends_every_paused_batch_and_removes_the_hooks():

@@ -4,8 +4,9 @@ The engine follows the sequential scheme of the GPTQ reference implementation: t
 are captured once for all calibration samples; then, block by block, a method observes the block's layers on
 those inputs (hooks on the linear layers), changes the block, and the block is run again so the next block
 sees the inputs the compressed model will really give it. Methods that compress layer group by layer group
-(GPTQ) do both in one pass with `BlockPass.compress_in_stages` (studio.core.sequential). Only one block's activations are alive at a time, so
-memory stays near the model plus `samples × seq_len × hidden` floats twice.
+(GPTQ) do both with `BlockPass.compress_in_stages` (studio.core.sequential): in one pass when the paused batches
+fit in memory, else re-running the block per stage as the reference does. Only one block's activations are
+alive at a time, so memory stays near the model plus `samples × seq_len × hidden` floats twice.
 
 Every argument a model passes to its blocks (rotary embeddings, masks, per-layer-type masks such as Gemma's
 sliding windows) is captured per block in one cheap pass in which the blocks are replaced by the identity, so
@@ -251,14 +252,18 @@ class BlockPass:
         """Compress the targeted layers group by group in the order the block calls them, each group seeing the
         inputs that the groups before it, already compressed, give it (studio.core.sequential): `observe(stage,
         x)` gets every batch's input of a stage (layers reading the same tensor, e.g. q/k/v), then `compress(
-        stage)` changes those layers. One pass over the batches, whose outputs become the next block's inputs."""
-        from studio.core.sequential import learn_stages, run_in_stages
+        stage)` changes those layers. The block's outputs, every stage compressed, become the next block's inputs.
+        One pass over the batches, or a re-run per stage when the paused batches would not fit in memory."""
+        from studio.core.sequential import choose_stage_runner, learn_stages, run_in_stages, run_stage_by_stage
 
         stages = learn_stages(self, self._stage_plans)
         if stages is None:  # observe every layer, compress them all, run the block again for its outputs
             self.forward(lambda name, x, _output: observe((name,), x))
             for name in self.layers:
                 compress((name,))
+            return
+        if choose_stage_runner(self, stages) == "rerun":
+            run_stage_by_stage(self, stages, observe, compress)
             return
         outputs = run_in_stages(self, stages, observe, compress)
         self._outputs, self._outputs_signature = outputs, _signature(self.block)

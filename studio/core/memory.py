@@ -82,6 +82,11 @@ def release_read_only_file_pages(address: int, length: int) -> None:
         libc.madvise(address, length, _MADV_DONTNEED)
 
 
+def available_memory_bytes() -> int:
+    """Memory the system can give without swapping (MemAvailable)."""
+    return psutil.virtual_memory().available
+
+
 def rss_bytes() -> int:
     return _process.memory_info().rss
 

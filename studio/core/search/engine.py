@@ -26,7 +26,16 @@ from studio.core.search.events import (
 )
 from studio.core.search.executors import Executor, Job, make_executor
 from studio.core.search.result import CandidateResult, SearchResult, front_of, told_value
-from studio.core.search.space import Candidate, CandidateKey, ModelShape, budget_measure, build_candidate, model_shape, suggest
+from studio.core.search.space import (
+    Candidate,
+    CandidateKey,
+    ModelShape,
+    budget_measure,
+    build_candidate,
+    layouts,
+    model_shape,
+    suggest,
+)
 from studio.core.search.spec import SearchSpec
 
 if TYPE_CHECKING:  # torch loads lazily
@@ -100,6 +109,8 @@ class _Search:
         self.history, self.result = history, result
         self.shape: ModelShape = model_shape(loaded.model)
         self.keys = CandidateKey()
+        self.layouts = layouts(spec, self.shape)
+        self.reasked = 0  # proposals of a recipe that had already run, told its numbers and asked again
 
     def run(self) -> None:
         import optuna
@@ -119,15 +130,31 @@ class _Search:
             if self.cancel.cancelled:
                 self.result.status = "cancelled"
                 return
-            batch = [study.ask() for _ in range(min(spec.batch_size, spec.trials - asked))]
+            batch = self._ask_batch(study, min(spec.batch_size, spec.trials - asked))
             asked += len(batch)
-            ended = self._run_batch([(t, build_candidate(spec, self.shape, t.number, suggest(t, spec))) for t in batch])
+            ended = self._run_batch(batch)
             if ended is None:
                 self.result.status = "cancelled"
                 return
-            for trial, _ in batch_and(batch, ended):  # told in ask order: the same history for any executor
+            for trial, _ in batch:  # told in ask order: the same history for any executor
                 self._tell(study, trial, ended[trial.number])
         self.result.status = "finished"
+
+    def _ask_batch(self, study, size: int) -> list[tuple[Any, Candidate]]:
+        """`size` new candidates. A recipe that has already run is not run again: the sampler is told its numbers
+        and asked once more (at most `2 × trials` times in a search; after that a repeat is listed as one)."""
+        batch = []
+        while len(batch) < size:
+            trial = study.ask()
+            candidate = build_candidate(self.spec, self.shape, trial.number, suggest(trial, self.spec, self.layouts))
+            earlier = self.keys.earlier(candidate)
+            ran = None if earlier is None else self._earlier(earlier)
+            if ran is not None and self.reasked < 2 * self.spec.trials:
+                self.reasked += 1
+                self._tell(study, trial, ran)
+                continue
+            batch.append((trial, candidate))
+        return batch
 
     def _baseline(self) -> dict[str, Any]:
         from studio.core.evaluation.perplexity import perplexity
@@ -236,6 +263,3 @@ def _quality(candidate: CandidateResult, objective: str) -> float:
 def budget_measure_bits(shape: ModelShape, compressed_bytes: int) -> float:
     return 8 * (compressed_bytes - shape.other_bytes) / max(shape.target_weights, 1)
 
-
-def batch_and(batch, ended):
-    return [(t, ended[t.number]) for t in batch]

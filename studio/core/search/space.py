@@ -1,10 +1,11 @@
 """From a trial's parameters to a candidate: a real recipe (low-rank factorization, pruning, then mixed-precision
 quantization) and the size it will have, predicted from the layer shapes before anything runs.
 
-The quantization step gets the widest average code width whose packed size (codes, 16-bit scales, zero points
-counted at the widest width: an upper bound) keeps the candidate within its share of the budget; a candidate
-that would not fit even at the narrowest width is rejected before it runs. Sizes follow the engine's accounting
-(`studio.core.state.packed_size`): pruned weights are stored densely, so pruning buys no bytes, only FLOPs."""
+The quantization step gets its share of the budget as an exact packed size of the targeted layers (codes at each
+layer's width, 16-bit scales, zero points at the same width: `studio.core.state.packed_size`), which the
+mixed-precision allocation never exceeds; a candidate whose layers would not fit even at the narrowest width is
+rejected before it runs. Sizes follow the engine's accounting: pruned weights are stored densely, so pruning buys
+no bytes, only FLOPs."""
 
 from __future__ import annotations
 
@@ -98,26 +99,67 @@ def factored_shapes(out_f: int, in_f: int, ratio: float, rank_multiple: int) -> 
     return [(out_f, rank), (rank, in_f)]
 
 
-def scale_bytes(out_f: int, in_f: int, group_size: int, symmetric: bool, zero_bits: int) -> int:
-    groups = out_f * (in_f // (group_size or in_f))
-    return groups * 2 + (0 if symmetric else math.ceil(groups * zero_bits / 8))
+@dataclass(frozen=True)
+class Layout:
+    """A quantization grid a candidate may use, and the share of the budget its narrowest widths need."""
+
+    group_size: int
+    symmetric: bool
+    min_bits: int
+    needed_fraction: float  # of the budget, with the space's largest low-rank ratio
+
+    @property
+    def label(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "per channel"
+        return f"{group} {'sym' if self.symmetric else 'asym'} from {self.min_bits} bits"
 
 
-def suggest(trial, spec: SearchSpec) -> dict[str, Any]:
-    """Ask the Optuna trial for one candidate's parameters (a choice with one option is not searched)."""
+def target_matrices(shape: ModelShape, ratio: float, group: int) -> list[tuple[int, int]]:
+    return [m for o, i in shape.layers.values() for m in factored_shapes(o, i, ratio, max(group, 1))]
+
+
+def needed_fraction(spec: SearchSpec, shape: ModelShape, matrices, bits: int, group: int, symmetric: bool) -> float:
+    """The smallest share of the budget (rounded up to 1/10000) that `matrices` at `bits` everywhere fit in."""
+    from studio.core.state import packed_size
+
+    packed = sum(packed_size(o, i, bits, group, symmetric) for o, i in matrices)
+    return math.ceil(budget_measure(spec, shape, shape.other_bytes + packed) / spec.budget.value * 10_000) / 10_000
+
+
+def layouts(spec: SearchSpec, shape: ModelShape) -> list[Layout]:
+    """The space's (group size, grid, narrowest width) combinations that can fit the budget's highest share; all
+    of them when none can (each candidate is then rejected with the size it would take)."""
+    q = spec.space.quantization
+    ratio = max(spec.space.low_rank.ratios) if spec.space.low_rank is not None else 0.0
+    every = []
+    for group in q.group_sizes:
+        matrices = target_matrices(shape, ratio, group)
+        if group and any(i % group for _, i in matrices):
+            every += [Layout(group, sym, b, math.inf) for sym in q.symmetric for b in q.min_bits]
+            continue
+        every += [Layout(group, sym, b, needed_fraction(spec, shape, matrices, b, group, sym))
+                  for sym in q.symmetric for b in q.min_bits]
+    fitting = [layout for layout in every if layout.needed_fraction <= q.budget_fraction[1]]
+    return fitting or every
+
+
+def suggest(trial, spec: SearchSpec, options: list[Layout]) -> dict[str, Any]:
+    """Ask the Optuna trial for one candidate's parameters (a choice with one option is not searched). The share
+    of the budget is searched between the layout's needs and the space's highest share, so no proposal is
+    rejected for a layout that cannot fit that low."""
     q = spec.space.quantization
 
-    def pick(name: str, options: list):
-        return options[0] if len(options) == 1 else trial.suggest_categorical(name, options)
+    def pick(name: str, choices: list):
+        return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, choices)
 
-    params: dict[str, Any] = {
-        "quantizer": pick("quantizer", list(q.quantizer)),
-        "group_size": pick("group_size", list(q.group_sizes)),
-        "symmetric": pick("symmetric", list(q.symmetric)),
-        "min_bits": pick("min_bits", list(q.min_bits)),
-    }
-    low, high = q.budget_fraction
-    params["budget_fraction"] = high if low == high else trial.suggest_float("budget_fraction", low, high, step=0.01)
+    params: dict[str, Any] = {"quantizer": pick("quantizer", list(q.quantizer))}
+    by_label = {layout.label: layout for layout in options}
+    layout = by_label[pick("layout", list(by_label))]
+    params.update(group_size=layout.group_size, symmetric=layout.symmetric, min_bits=layout.min_bits)
+    high = q.budget_fraction[1]
+    low = min(max(q.budget_fraction[0], layout.needed_fraction), high)
+    position = 1.0 if low == high else trial.suggest_float("budget_position", 0.0, 1.0, step=0.01)
+    params["budget_fraction"] = round(low + position * (high - low), 4)
     if spec.space.sparsity is not None:
         params["sparsity"] = pick("sparsity", list(spec.space.sparsity.levels))
     if spec.space.low_rank is not None:
@@ -126,43 +168,49 @@ def suggest(trial, spec: SearchSpec) -> dict[str, Any]:
 
 
 def build_candidate(spec: SearchSpec, shape: ModelShape, trial: int, params: dict[str, Any]) -> Candidate:
-    """The recipe for `params`, with the widest average width (in 1/1000 bit) that fits its share of the budget."""
+    """The recipe for `params`: mixed precision with the packed size of the targeted layers that the candidate's
+    share of the budget leaves (at most what the widest width everywhere would take)."""
+    from studio.core.state import packed_size
+
     q = spec.space.quantization
     group, symmetric, min_bits = params["group_size"], params["symmetric"], params["min_bits"]
     ratio = params.get("low_rank_ratio", 0.0)
-    matrices = [m for o, i in shape.layers.values() for m in factored_shapes(o, i, ratio, max(group, 1))]
+    matrices = target_matrices(shape, ratio, group)
     bad = [(o, i) for o, i in matrices if group and i % group]
     if bad:
         reason = f"group size {group} does not divide the input width {bad[0][1]}"
         return Candidate(trial, params, None, 0, math.inf, False, reason)
-    weights = sum(o * i for o, i in matrices)
-    fixed = shape.other_bytes + sum(scale_bytes(o, i, group, symmetric, q.max_bits) for o, i in matrices) \
-        + len(matrices)  # codes round up to whole bytes per matrix
-    allowed = allowed_total_bytes(spec, shape, params["budget_fraction"])
-    bits = min(math.floor((allowed - fixed) * 8 / weights * 1000) / 1000, float(q.max_bits))
-    predicted = fixed + math.ceil(weights * max(bits, min_bits) / 8)
-    measure = budget_measure(spec, shape, predicted)
-    if bits < min_bits:
+
+    def packed(bits: int) -> int:
+        return sum(packed_size(o, i, bits, group, symmetric) for o, i in matrices)
+
+    allowed = allowed_total_bytes(spec, shape, params["budget_fraction"]) - shape.other_bytes
+    target = min(allowed, packed(q.max_bits))
+    if packed(min_bits) > target:
+        measure = budget_measure(spec, shape, shape.other_bytes + packed(min_bits))
         limit = spec.budget.value * params["budget_fraction"]
         reason = (f"even {min_bits} bits per layer would take {measure:.4g} > {limit:.4g} {_unit(spec)} "
                   f"({params['budget_fraction']:.0%} of the budget)")
-        return Candidate(trial, params, None, predicted, measure, False, reason)
+        return Candidate(trial, params, None, shape.other_bytes + packed(min_bits), measure, False, reason)
+    predicted = shape.other_bytes + target
     steps = []
     if ratio > 0:
         steps.append(Step(spec.space.low_rank.method, {"ratio": ratio, "rank_multiple": max(group, 1)}))
     if params.get("sparsity", 0.0) > 0:
         steps.append(Step(spec.space.sparsity.method, {"sparsity": params["sparsity"]}))
     steps.append(Step("mixed_precision", {
-        "min_bits": min_bits, "max_bits": q.max_bits, "target_bits": bits,
+        "min_bits": min_bits, "max_bits": q.max_bits, "target_mb": target / MiB,
         "group_size": group, "symmetric": symmetric, "quantizer": params["quantizer"],
     }))
-    recipe = Recipe(steps, name=candidate_name(params, bits, q.max_bits), calibration=spec.calibration,
+    measure = budget_measure(spec, shape, predicted)
+    recipe = Recipe(steps, name=candidate_name(params, measure, spec, q.max_bits), calibration=spec.calibration,
                     description=f"Found by a search under {spec.budget.value:g} {_unit(spec)} (trial {trial}).")
     return Candidate(trial, params, recipe, predicted, measure, True)
 
 
-def candidate_name(params: dict[str, Any], bits: float, max_bits: int) -> str:
-    parts = [f"{params['quantizer'].upper()} mixed {bits:.2f} bit ({params['min_bits']}-{max_bits})",
+def candidate_name(params: dict[str, Any], measure: float, spec: SearchSpec, max_bits: int) -> str:
+    size = f"{measure:.2f} bpw" if spec.budget.kind == "bits_per_weight" else f"{measure:.1f} MiB"
+    parts = [f"{params['quantizer'].upper()} mixed {size} ({params['min_bits']}-{max_bits} bit)",
              f"g{params['group_size']}" if params["group_size"] else "per channel",
              "sym" if params["symmetric"] else "asym"]
     if params.get("low_rank_ratio"):
@@ -183,8 +231,15 @@ class CandidateKey:
     seen: dict[str, int] = field(default_factory=dict)
 
     def first_with(self, candidate: Candidate) -> int | None:
-        key = candidate.recipe.to_yaml().split("\nsteps:", 1)[-1] if candidate.recipe else ""
-        if key in self.seen:
-            return self.seen[key]
-        self.seen[key] = candidate.trial
-        return None
+        """The trial that first had this recipe, or None (and this one is remembered as the first)."""
+        earlier = self.earlier(candidate)
+        if earlier is None:
+            self.seen[self._key(candidate)] = candidate.trial
+        return earlier
+
+    def earlier(self, candidate: Candidate) -> int | None:
+        return self.seen.get(self._key(candidate))
+
+    @staticmethod
+    def _key(candidate: Candidate) -> str:
+        return candidate.recipe.to_yaml().split("\nsteps:", 1)[-1] if candidate.recipe else ""

@@ -10,7 +10,7 @@ trials: 24
 batch_size: 2                                  # candidates evaluated at once; also Optuna's ask/tell batch
 seed: 0
 space:
-  quantization: {quantizer: [rtn], group_sizes: [32, 64], symmetric: [false], min_bits: [2, 3], max_bits: 8,
+  quantization: {quantizer: [gptq], group_sizes: [32, 64], symmetric: [false], min_bits: [2, 3], max_bits: 8,
                  budget_fraction: [0.8, 1.0]}
   sparsity: {method: wanda, levels: [0.0, 0.1]}        # optional
   low_rank: {method: svd_llm, ratios: [0.0, 0.1]}      # optional
@@ -59,12 +59,12 @@ class Budget(_Section):
 class QuantizationSpace(_Section):
     """Per-layer bits by the mixed-precision method (sensitivity analysis, allocation under the budget)."""
 
-    quantizer: Annotated[list[Literal["rtn", "gptq"]], Field(min_length=1, description="How layers are quantized at their width.")] = ["rtn"]
+    quantizer: Annotated[list[Literal["rtn", "gptq"]], Field(min_length=1, description="How layers are quantized at their width.")] = ["gptq"]
     group_sizes: Annotated[list[Annotated[int, Field(ge=0, le=8192)]], Field(min_length=1, description="Group sizes to try; 0 = per channel.")] = [64]
     symmetric: Annotated[list[bool], Field(min_length=1, description="Symmetric and/or asymmetric grids.")] = [False]
     min_bits: Annotated[
         list[Annotated[int, Field(ge=2, le=8)]], Field(min_length=1, description="Lowest widths a layer may get (searched).")
-    ] = [2]
+    ] = [2, 3]
     max_bits: Annotated[int, Field(ge=2, le=8, description="Highest width a layer may get.")] = 8
     budget_fraction: Annotated[
         list[Annotated[float, Field(gt=0, le=1)]],
