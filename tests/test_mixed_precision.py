@@ -69,3 +69,24 @@ def test_mixed_precision_meets_the_average_and_reports_the_table(tokenizer, text
         errors = [layers[name]["error"][str(b)] for b in range(2, 9)]
         assert errors == sorted(errors, reverse=True)  # more bits, less error
     assert len({r.quant.bits for r in state.values()}) > 1
+
+
+def test_a_packed_size_budget_is_predicted_before_the_run_and_kept_by_it(tokenizer, text_file):
+    from studio.core.prediction import dense_bytes, predict_compressed_bytes
+    from studio.core.runner import prepare
+
+    model = tiny_model("llama")
+    dense = dense_bytes(model)
+    target_bytes = 50_000  # about 3.6 bits per weight with g32 scales and zero points
+    recipe = Recipe(
+        [Step("mixed_precision", {"min_bits": 2, "max_bits": 8, "target_mb": target_bytes / 2**20, "group_size": 32,
+                                  "quantizer": "rtn"})],
+        calibration=CalibrationSettings(text_file=str(text_file), samples=4, seq_len=16, batch_size=2),
+    )
+    targeted = sum(m.weight.numel() * 4 for name, m in model.named_modules()
+                   if name.startswith("model.layers.") and isinstance(m, torch.nn.Linear))
+    predicted = predict_compressed_bytes(prepare(recipe, model), model)
+    assert 0 <= dense - targeted + target_bytes - predicted < 28  # the budget split over 28 layers, rounded down
+    result = run_recipe(recipe, LoadedModel(model, tokenizer, {"kind": "test"}))
+    assert result.status == "finished", result.error
+    assert predicted - 2_000 < result.report["size_after"]["compressed_bytes"] <= predicted

@@ -25,7 +25,8 @@ def predict_compressed_bytes(steps: list[ValidatedStep], model: nn.Module) -> in
     for vs in steps:
         if not vs.method.changes_weights:
             continue
-        for name, module in iter_layers(target_layers(model, vs.step.targets)):
-            stored[name] = (module, vs.method.stored_bytes(module, vs.params))
+        modules = dict(iter_layers(target_layers(model, vs.step.targets)))
+        for name, size in vs.method.stored_bytes_by_layer(modules, vs.params).items():
+            stored[name] = (modules[name], size)
     change = sum(size - m.weight.numel() * m.weight.element_size() for m, size in stored.values())
     return dense_bytes(model) + change

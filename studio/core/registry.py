@@ -121,6 +121,10 @@ class Method(ABC):
         that leaves dense weights (pruning stores zeros densely, and drops earlier quantization codes)."""
         return module.weight.numel() * module.weight.element_size()
 
+    def stored_bytes_by_layer(self, modules: dict[str, nn.Module], params: MethodParams) -> dict[str, int]:
+        """`stored_bytes` of each of a step's layers; a method whose budget spans its layers overrides this."""
+        return {name: self.stored_bytes(module, params) for name, module in modules.items()}
+
     @abstractmethod
     def apply(self, ctx: "StepContext", params: MethodParams) -> StepOutcome:  # noqa: F821
         """Compress `ctx.layers` block by block, iterating `ctx.blocks()` (progress and cancellation per block)."""

@@ -122,6 +122,14 @@ class MixedPrecision(Method):
         whole = packed_size(out_f, in_f, 8, params.group_size, params.symmetric)
         return int(whole - out_f * in_f * (8 - bits) / 8)
 
+    def stored_bytes_by_layer(self, modules, params: MixedPrecisionParams) -> dict[str, int]:
+        """With `target_mb` the allocation spends at most that many bytes over the layers: split here by weights."""
+        if not params.target_mb:
+            return super().stored_bytes_by_layer(modules, params)
+        total = sum(m.weight.numel() for m in modules.values()) or 1
+        budget = int(params.target_mb * 2**20)
+        return {name: budget * m.weight.numel() // total for name, m in modules.items()}
+
     def _sensitivities(self, ctx: StepContext, params: MixedPrecisionParams):
         errors: dict[str, dict[int, float]] = {}
         for block_pass in ctx.layerwise():  # the block is not changed here, so each is run once
