@@ -118,11 +118,15 @@ def target_matrices(shape: ModelShape, ratio: float, group: int) -> list[tuple[i
     return [m for o, i in shape.layers.values() for m in factored_shapes(o, i, ratio, max(group, 1))]
 
 
-def needed_fraction(spec: SearchSpec, shape: ModelShape, matrices, bits: int, group: int, symmetric: bool) -> float:
-    """The smallest share of the budget (rounded up to 1/10000) that `matrices` at `bits` everywhere fit in."""
+def packed_bytes(matrices: list[tuple[int, int]], bits: int, group: int, symmetric: bool) -> int:
     from studio.core.state import packed_size
 
-    packed = sum(packed_size(o, i, bits, group, symmetric) for o, i in matrices)
+    return sum(packed_size(o, i, bits, group, symmetric) for o, i in matrices)
+
+
+def needed_fraction(spec: SearchSpec, shape: ModelShape, matrices, bits: int, group: int, symmetric: bool) -> float:
+    """The smallest share of the budget (rounded up to 1/10000) that `matrices` at `bits` everywhere fit in."""
+    packed = packed_bytes(matrices, bits, group, symmetric)
     return math.ceil(budget_measure(spec, shape, shape.other_bytes + packed) / spec.budget.value * 10_000) / 10_000
 
 
@@ -170,8 +174,6 @@ def suggest(trial, spec: SearchSpec, options: list[Layout]) -> dict[str, Any]:
 def build_candidate(spec: SearchSpec, shape: ModelShape, trial: int, params: dict[str, Any]) -> Candidate:
     """The recipe for `params`: mixed precision with the packed size of the targeted layers that the candidate's
     share of the budget leaves (at most what the widest width everywhere would take)."""
-    from studio.core.state import packed_size
-
     q = spec.space.quantization
     group, symmetric, min_bits = params["group_size"], params["symmetric"], params["min_bits"]
     ratio = params.get("low_rank_ratio", 0.0)
@@ -182,7 +184,7 @@ def build_candidate(spec: SearchSpec, shape: ModelShape, trial: int, params: dic
         return Candidate(trial, params, None, 0, math.inf, False, reason)
 
     def packed(bits: int) -> int:
-        return sum(packed_size(o, i, bits, group, symmetric) for o, i in matrices)
+        return packed_bytes(matrices, bits, group, symmetric)
 
     allowed = allowed_total_bytes(spec, shape, params["budget_fraction"]) - shape.other_bytes
     target = min(allowed, packed(q.max_bits))
