@@ -121,6 +121,11 @@ class Method(ABC):
         that leaves dense weights (pruning stores zeros densely, and drops earlier quantization codes)."""
         return module.weight.numel() * module.weight.element_size()
 
+    def rewritten_bytes(self, modules: list[nn.Module], params: MethodParams) -> int:
+        """What a step that rewrites `modules` adds: new dense weights (the original keeps its own) plus what each
+        layer stores in its compressed form."""
+        return sum(m.weight.numel() * m.weight.element_size() + self.stored_bytes(m, params) for m in modules)
+
     def stored_bytes_by_layer(self, modules: dict[str, nn.Module], params: MethodParams) -> dict[str, int]:
         """`stored_bytes` of each of a step's layers; a method whose budget spans its layers overrides this."""
         return {name: self.stored_bytes(module, params) for name, module in modules.items()}

@@ -26,14 +26,14 @@ if TYPE_CHECKING:  # the runner (and torch) load with the first run, so the wind
 log = logging.getLogger(__name__)
 
 
-class _Relay(QObject):
-    """Carries (run id, monotonic time, event or RunResult) from the worker to the GUI thread."""
+class Relay(QObject):
+    """Carries a worker's items to the GUI thread (a run's: run id, monotonic time, event or RunResult)."""
 
     item = Signal(object)
 
 
 class _RunTask(QRunnable):
-    def __init__(self, run_id: int, relay: _Relay, recipe, loaded, eval_config, token: ev.CancelToken):
+    def __init__(self, run_id: int, relay: Relay, recipe, loaded, eval_config, token: ev.CancelToken):
         super().__init__()
         self.run_id, self.relay, self.token = run_id, relay, token
         self.recipe, self.loaded, self.eval_config = recipe, loaded, eval_config
@@ -97,7 +97,7 @@ class RunController(QObject):
         self._run_id = 0
         self._running = False
         self._token: ev.CancelToken | None = None
-        self._relay = _Relay()  # one for the controller's life: a worker may still be inside emit() at a run's end
+        self._relay = Relay()  # one for the controller's life: a worker may still be inside emit() at a run's end
         self._relay.item.connect(self._on_item, Qt.ConnectionType.QueuedConnection)
         self._task: _RunTask | None = None
         self._timing = _Timing()

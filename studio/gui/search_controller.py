@@ -11,6 +11,7 @@ from PySide6.QtCore import QObject, Qt, QThreadPool, Signal, Slot
 
 from studio.core.events import CancelToken
 from studio.gui.collector import collect_in_gui_thread
+from studio.gui.run_controller import Relay
 from studio.gui.tasks import Task
 
 if TYPE_CHECKING:
@@ -18,12 +19,6 @@ if TYPE_CHECKING:
     from studio.core.search import SearchSpec
 
 log = logging.getLogger(__name__)
-
-
-class _Relay(QObject):
-    """Carries (search number, event) from the worker to the GUI thread."""
-
-    item = Signal(object)
 
 
 class SearchController(QObject):
@@ -46,7 +41,7 @@ class SearchController(QObject):
         self._running = False
         self._token: CancelToken | None = None
         self._task: Task | None = None
-        self._relay = _Relay()
+        self._relay = Relay()  # (search number, event)
         self._relay.item.connect(self._on_item, Qt.ConnectionType.QueuedConnection)
 
     @property

@@ -4,7 +4,6 @@ description), and the engine's validation errors shown under the field they name
 
 from __future__ import annotations
 
-import math
 import re
 import types
 import typing
@@ -31,7 +30,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.search import SearchSpec
-from studio.gui.param_fields import FLOAT_LIMIT, INT_LIMIT
+from studio.gui.param_fields import FLOAT_LIMIT, INT_LIMIT, _bound
 
 HIDDEN = {"schema_version"}  # the form always writes the version this studio reads
 REQUIRED_SECTIONS = {"calibration"}  # optional in the type, required by the spec's validator: not switchable
@@ -170,14 +169,14 @@ class SpecField(QFrame):
             return box
         if t.kind == "int":
             box = QSpinBox()
-            box.setRange(int(_finite(t.minimum, -INT_LIMIT)), int(_finite(t.maximum, INT_LIMIT)))
+            box.setRange(int(_bound(t.minimum, -INT_LIMIT)), int(_bound(t.maximum, INT_LIMIT)))
             box.valueChanged.connect(self._changed)
             return box
         if t.kind == "float":
             box = QDoubleSpinBox()
             box.setDecimals(3)
             box.setSingleStep(0.1)
-            box.setRange(_finite(t.minimum, -FLOAT_LIMIT), _finite(t.maximum, FLOAT_LIMIT))
+            box.setRange(_bound(t.minimum, -FLOAT_LIMIT), _bound(t.maximum, FLOAT_LIMIT))
             box.valueChanged.connect(self._changed)
             return box
         if t.kind == "options":
@@ -280,10 +279,6 @@ class SpecField(QFrame):
         self.style().polish(self)
         self.problem_label.setText(problem or "")
         self.problem_label.setVisible(problem is not None)
-
-
-def _finite(value: float | None, fallback: float) -> float:
-    return fallback if value is None or math.isinf(value) else value
 
 
 class SpecGroup(QGroupBox):

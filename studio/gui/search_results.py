@@ -16,6 +16,7 @@ from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtWidgets import QAbstractItemView, QComboBox, QSplitter, QTableWidget, QVBoxLayout, QWidget
 
 from studio.core.search.result import front_of
+from studio.gui.history_view import MIB, _cell
 from studio.gui.charts import REDRAW_MS
 from studio.gui.compare_view import SortItem
 from studio.gui.history_view import FRONT_COLOR, POINT_BRUSH
@@ -24,7 +25,6 @@ from studio.gui.theme import follow_palette
 if TYPE_CHECKING:
     from studio.core.search import CandidateResult, SearchResult, SearchSpec
 
-MIB = 2**20
 QUALITIES = (("perplexity", "Perplexity"), ("kl", "KL to the original"))
 COLUMNS = ("Trial", "Status", "Bits/weight", "Size (MiB)", "Memory (MiB)", "Perplexity", "KL", "Top-1", "Seconds",
            "Run", "Recipe")
@@ -35,10 +35,6 @@ BUDGET_SUFFIX = {"bits_per_weight": " bits/weight", "size_mb": " MiB", "memory_m
 SELECTED_PEN = pg.mkPen("#1f77b4", width=3)
 BUDGET_PEN = pg.mkPen("#d62728", width=2, style=Qt.PenStyle.DashLine)
 ORIGINAL_PEN = pg.mkPen("#7f7f7f", width=1, style=Qt.PenStyle.DotLine)
-
-
-def _cell(value: Any, spec: str = "") -> SortItem:
-    return SortItem("" if value is None else format(value, spec), value)
 
 
 class SearchResults(QWidget):

@@ -26,7 +26,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core.search import SearchSpecError, load_search_spec, parse_search_spec
+from studio.core.recipe import read_yaml_file
+from studio.core.search import SearchSpecError, parse_search_spec
 from studio.gui.search_controller import SearchController
 from studio.gui.search_form import ERROR_STYLE, SearchSpecForm
 from studio.gui.search_results import BUDGET_SUFFIX, SearchResults
@@ -184,10 +185,6 @@ class SearchView(QWidget):
         self._show_error(" ".join([rest, f"Fix the marked field(s): {', '.join(marked)}." if marked else ""]).strip())
         self._update_actions()
 
-    def spec_data(self) -> dict[str, Any]:
-        """The form as a spec dict (as YAML holds it)."""
-        return self.form.data()
-
     def set_spec_data(self, data: dict[str, Any], path: str | Path | None = None) -> None:
         """Show `data` in the form; `path`: the file it came from (relative text files are read from its folder)."""
         self.spec_path = Path(path) if path is not None else None
@@ -207,13 +204,11 @@ class SearchView(QWidget):
         """Show a spec file in the form; a file that does not validate is shown as far as it reads, its errors
         under the fields they name."""
         path = Path(path)
+        data = None
         try:
-            spec = load_search_spec(path)
+            data = read_yaml_file(path, "search spec", SearchSpecError)
+            spec = parse_search_spec(data, str(path), base=path.resolve().parent)
         except SearchSpecError as exc:
-            try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, yaml.YAMLError):
-                data = None
             if not isinstance(data, dict):
                 self._show_error(str(exc))
                 self.error.emit(str(exc))

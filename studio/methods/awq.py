@@ -189,7 +189,7 @@ class AWQ(Method):
         modules = [m for _, m in iter_layers(layers)]
         n = sum(m.weight.numel() for m in modules)
         largest = max((m.weight.numel() for m in modules), default=0)
-        extra = sum(m.weight.numel() * m.weight.element_size() + self.stored_bytes(m, params) for m in modules)
+        extra = self.rewritten_bytes(modules, params)
         extra += 8 * largest * 4
         searches = params.grid + (int(MAX_SHRINK * params.grid) if params.clip else 0)
         work = n * (params.search_tokens * searches + 2 * DEFAULT_CALIBRATION_TOKENS)

@@ -33,6 +33,7 @@ from studio.methods.hessian import (
     compress_stages_with_hessians,
     dead_columns,
     inverse_hessian_cholesky,
+    warn_unreached,
 )
 from studio.methods.rtn import group_size_problems
 
@@ -243,9 +244,7 @@ class GPTQ(Method):
                 ctx.replace_weight(name, module, result.weight, report, quant=result.quant)
 
         unreached = compress_stages_with_hessians(ctx, quantize)
-        if unreached:
-            ctx.warn(f"{len(unreached)} layers were never reached by the calibration tokens and stay unquantized: "
-                     f"{', '.join(unreached[:5])}{' ...' if len(unreached) > 5 else ''}")
+        warn_unreached(ctx, unreached, "unquantized")
         summary = {"bits": params.bits, "group_size": params.group_size, "act_order": params.act_order,
                    "damp_raised_layers": raised, "unreached_layers": unreached}
         return StepOutcome(ctx.reports, summary)

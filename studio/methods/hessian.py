@@ -150,3 +150,10 @@ def compress_stages_with_hessians(ctx, compress) -> list[str]:
 
         block_pass.compress_in_stages(observe, compress_stage)
     return unreached
+
+
+def warn_unreached(ctx, unreached: list[str], left_as: str) -> None:
+    """Tell the user which layers no calibration token reached, and so stay `left_as` (dense, unquantized)."""
+    if unreached:
+        ctx.warn(f"{len(unreached)} layers were never reached by the calibration tokens and stay {left_as}: "
+                 f"{', '.join(unreached[:5])}{' ...' if len(unreached) > 5 else ''}")

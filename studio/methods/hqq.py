@@ -170,7 +170,7 @@ class HQQ(Method):
         n = sum(m.weight.numel() for m in modules)
         largest = max((m.weight.numel() for m in modules), default=0)
         # new dense weights and packed codes per layer, plus the float32 working copies of the largest layer
-        extra = sum(m.weight.numel() * m.weight.element_size() + self.stored_bytes(m, params) for m in modules)
+        extra = self.rewritten_bytes(modules, params)
         extra += largest * 4 * WORKING_COPIES
         return Estimate(extra_bytes=extra, seconds=n * (params.iterations + 2) / HQQ_WEIGHT_ITERATIONS_PER_SECOND)
 

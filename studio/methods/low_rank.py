@@ -70,15 +70,20 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12).item()) + 1
 
 
+def kept_rank(rank: int, out_f: int, in_f: int, rank_multiple: int) -> int | None:
+    """`rank` rounded down to a multiple of `rank_multiple` (at least one), or None to leave the layer dense
+    (factoring would not save parameters)."""
+    rank = max(rank_multiple, rank - rank % rank_multiple)
+    return None if rank >= dense_break_even(out_f, in_f) else rank
+
+
 def choose_rank(singular_values: torch.Tensor, out_f: int, in_f: int, params: LowRankParams) -> int | None:
     """The rank the layer keeps, or None to leave it dense (factoring would not save parameters)."""
     if params.rank_rule == "parameter_ratio":
         rank = budget_rank(out_f, in_f, params.ratio)
     else:
         rank = energy_rank(singular_values, params.energy)
-    rank = min(rank, len(singular_values))
-    rank = max(params.rank_multiple, rank - rank % params.rank_multiple)
-    return None if rank >= dense_break_even(out_f, in_f) else rank
+    return kept_rank(min(rank, len(singular_values)), out_f, in_f, params.rank_multiple)
 
 
 @dataclass
@@ -165,9 +170,8 @@ class LowRankMethod(Method):
         size = module.weight.element_size()
         if params.rank_rule == "energy":  # the rank depends on the spectrum: the dense size is the bound
             return module.weight.numel() * size
-        rank = budget_rank(out_f, in_f, params.ratio)
-        rank = max(params.rank_multiple, rank - rank % params.rank_multiple)
-        return min(rank * (in_f + out_f), out_f * in_f) * size
+        rank = kept_rank(min(budget_rank(out_f, in_f, params.ratio), out_f, in_f), out_f, in_f, params.rank_multiple)
+        return (out_f * in_f if rank is None else rank * (in_f + out_f)) * size
 
     def apply(self, ctx: StepContext, params: LowRankParams) -> StepOutcome:
         dense = sum(weight_matrix(m).numel() for _, m in iter_layers(ctx.layers))

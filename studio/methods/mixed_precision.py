@@ -21,7 +21,7 @@ from studio.core.registry import Estimate, Family, LayerReport, Method, MethodPa
 from studio.core.state import packed_size
 from studio.core.structure import in_out_features, iter_layers, weight_matrix
 from studio.methods.gptq import GPTQParams, gptq_quantize
-from studio.methods.hessian import HessianAccumulator, collect_hessians
+from studio.methods.hessian import collect_hessians, compress_stages_with_hessians
 from studio.methods.grid import quantize_rtn_dense
 from studio.methods.rtn import group_size_problems
 
@@ -178,19 +178,14 @@ class MixedPrecision(Method):
             for _, layers in ctx.blocks():
                 for name, module in layers.items():
                     quantize(name, module)
-        else:  # stage by stage, as the GPTQ step does
-            for block_pass in ctx.layerwise():
-                hessians: dict[tuple[str, ...], HessianAccumulator] = {}
+        else:  # stage by stage, as the GPTQ step does; a layer no calibration token reached is rounded (RTN)
+            def compress(block_pass, stage, accumulator):
+                for name in stage:
+                    quantize(name, block_pass.layers[name], accumulator.hessian)
 
-                def observe(stage, x, hessians=hessians):
-                    hessians.setdefault(stage, HessianAccumulator(x.shape[-1])).add(x)
-
-                def compress(stage, hessians=hessians, layers=block_pass.layers):
-                    hessian = hessians.pop(stage).hessian if stage in hessians else None  # None: never reached
-                    for name in stage:
-                        quantize(name, layers[name], hessian)
-
-                block_pass.compress_in_stages(observe, compress)
+            modules = dict(iter_layers(ctx.layers))
+            for name in compress_stages_with_hessians(ctx, compress):
+                quantize(name, modules[name])
 
         total = sum(weights.values())
         average = sum(weights[n] * b for n, b in bits.items()) / total

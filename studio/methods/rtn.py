@@ -62,7 +62,7 @@ class RTN(Method):
         modules = [m for _, m in iter_layers(layers)]
         n = sum(m.weight.numel() for m in modules)
         # the compressed copy gets new dense weights plus packed codes; the original keeps its own
-        extra = sum(m.weight.numel() * m.weight.element_size() + self.stored_bytes(m, params) for m in modules)
+        extra = self.rewritten_bytes(modules, params)
         return Estimate(extra_bytes=extra, seconds=n / RTN_WEIGHTS_PER_SECOND)
 
     def stored_bytes(self, module, params: RTNParams) -> int:

@@ -357,7 +357,7 @@ class SmoothQuant(Method):
     def estimate(self, layers, params: SmoothQuantParams) -> Estimate:
         modules = [m for _, m in iter_layers(layers)]
         n = sum(m.weight.numel() for m in modules)
-        extra = sum(m.weight.numel() * m.weight.element_size() + self.stored_bytes(m, params) for m in modules)
+        extra = self.rewritten_bytes(modules, params)
         calibration_pass = n * DEFAULT_CALIBRATION_TOKENS / WEIGHT_TOKENS_PER_SECOND if params.smooth else 0.0
         return Estimate(extra_bytes=extra, seconds=n / RTN_WEIGHTS_PER_SECOND + 2 * calibration_pass)
 

@@ -37,6 +37,7 @@ from studio.methods.hessian import (
     InverseHessian,
     compress_stages_with_hessians,
     inverse_hessian_cholesky,
+    warn_unreached,
 )
 from studio.methods.magnitude import nm_mask
 from studio.methods.wanda import (
@@ -147,10 +148,7 @@ class SparseGPT(Method):
                 report = LayerReport(name, sparsity=1 - mask.float().mean().item(), parameters=w.numel())
                 ctx.replace_weight(name, module, pruned.to(w.dtype), report, mask=mask, sparsity_pattern=params.pattern)
 
-        unreached = compress_stages_with_hessians(ctx, prune)
-        if unreached:
-            ctx.warn(f"{len(unreached)} layers were never reached by the calibration tokens and stay dense: "
-                     f"{', '.join(unreached[:5])}{' ...' if len(unreached) > 5 else ''}")
+        warn_unreached(ctx, compress_stages_with_hessians(ctx, prune), "dense")
         return StepOutcome(ctx.reports, summary(ctx.reports, params.pattern))
 
     @staticmethod

@@ -24,12 +24,13 @@ from studio.core.search.events import (
     SearchFinished,
     SearchStarted,
 )
-from studio.core.search.executors import Executor, Job, make_executor
-from studio.core.search.result import CandidateResult, SearchResult, front_of, told_value
+from studio.core.search.executors import POLL_SECONDS, Executor, Job, make_executor
+from studio.core.search.result import CandidateResult, SearchResult, front_of
 from studio.core.search.space import (
     Candidate,
     CandidateKey,
     ModelShape,
+    bits_per_weight,
     budget_measure,
     build_candidate,
     layouts,
@@ -148,7 +149,7 @@ class _Search:
             trial = study.ask()
             candidate = build_candidate(self.spec, self.shape, trial.number, suggest(trial, self.spec, self.layouts))
             earlier = self.keys.earlier(candidate)
-            ran = None if earlier is None else self._earlier(earlier)
+            ran = None if earlier is None else self.result.candidate(earlier)
             if ran is not None and self.reasked < 2 * self.spec.trials:
                 self.reasked += 1
                 self._tell(study, trial, ran)
@@ -176,7 +177,7 @@ class _Search:
                 continue
             first = self.keys.first_with(candidate)
             if first is not None:  # the same recipe as an earlier trial: its numbers, once it has them
-                if (earlier := self._earlier(first)) is not None:
+                if (earlier := self.result.candidate(first)) is not None:
                     self._ended(ended, self._repeat(candidate, earlier))
                 continue
             self.events(CandidateStarted(self.result.search_id, candidate.trial, candidate.recipe.name,
@@ -188,7 +189,7 @@ class _Search:
                 for trial in self.executor.cancel_all():
                     self._ended(ended, self._from_outcome(candidates[trial], {"status": "cancelled", "report": {}}))
                 return None
-            for trial, outcome in self.executor.wait(0.2):
+            for trial, outcome in self.executor.wait(POLL_SECONDS):
                 self._ended(ended, self._from_outcome(candidates[trial], outcome))
         # a repeat of a candidate of this very batch takes its numbers once that one has ended
         for _, candidate in batch:
@@ -196,12 +197,9 @@ class _Search:
                 self._ended(ended, self._repeat(candidate, ended[self.keys.first_with(candidate)]))
         return ended
 
-    def _earlier(self, trial: int) -> CandidateResult | None:
-        return next((c for c in self.result.candidates if c.trial == trial), None)
-
     def _repeat(self, candidate: Candidate, earlier: CandidateResult) -> CandidateResult:
         copy = CandidateResult(**{**vars(earlier), "trial": candidate.trial, "params": candidate.params,
-                                  "recipe": candidate.recipe, "run_id": earlier.run_id,
+                                  "recipe": candidate.recipe,
                                   "duplicate_of": earlier.trial if earlier.duplicate_of is None else earlier.duplicate_of,
                                   "on_front": False})
         return copy
@@ -251,15 +249,10 @@ class _Search:
         if candidate.status == "over_budget":
             study.tell(trial, state=TrialState.PRUNED)
         elif candidate.status == "finished":
-            study.tell(trial, [float(candidate.compressed_bytes), told_value(_quality(candidate, self.spec.objective))])
+            study.tell(trial, [float(candidate.compressed_bytes), candidate.quality(self.spec.objective)])
         else:
             study.tell(trial, state=TrialState.FAIL)
 
 
-def _quality(candidate: CandidateResult, objective: str) -> float:
-    return candidate.perplexity if objective == "perplexity" else candidate.kl
-
-
-def budget_measure_bits(shape: ModelShape, compressed_bytes: int) -> float:
-    return 8 * (compressed_bytes - shape.other_bytes) / max(shape.target_weights, 1)
+budget_measure_bits = bits_per_weight  # the name tests and benches import
 

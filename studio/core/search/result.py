@@ -13,9 +13,6 @@ from typing import Any
 from studio.core.history import pareto_points
 from studio.core.recipe import Recipe
 
-STATUSES = ("finished", "failed", "cancelled", "over_budget")
-
-
 def told_value(value: float) -> float:
     """A quality rounded to 4 significant digits: what the optimizer is told and the front is drawn on, so that
     the last bits of float noise (a worker's thread count) cannot change the search."""
@@ -27,7 +24,7 @@ class CandidateResult:
     trial: int
     params: dict[str, Any]  # Optuna's parameters of the trial
     recipe: Recipe | None  # the recipe to open ("open as recipe"); None when nothing fit the budget
-    status: str  # one of STATUSES
+    status: str  # "finished", "failed", "cancelled" or "over_budget"
     predicted_measure: float  # in the budget's unit, before it ran (an upper bound)
     bits_per_weight: float | None = None  # measured: packed bits per weight of the decoder blocks' linear layers
     compressed_bytes: int | None = None  # measured: the whole model's compressed bytes
@@ -74,8 +71,8 @@ class SearchResult:
     seconds: float = 0.0
     error: str | None = None
 
-    def candidate(self, trial: int) -> CandidateResult:
-        return next(c for c in self.candidates if c.trial == trial)
+    def candidate(self, trial: int) -> CandidateResult | None:
+        return next((c for c in self.candidates if c.trial == trial), None)
 
     def front_candidates(self) -> list[CandidateResult]:
         return [self.candidate(t) for t in self.front]

@@ -36,9 +36,6 @@ class ModelShape:
     def target_weights(self) -> int:
         return sum(o * i for o, i in self.layers.values())
 
-    @property
-    def target_bytes(self) -> int:
-        return self.target_weights * self.element_size
 
 
 def model_shape(model: nn.Module) -> ModelShape:
@@ -68,11 +65,15 @@ class Candidate:
     reason: str = ""
 
 
+def bits_per_weight(shape: ModelShape, compressed_bytes: int) -> float:
+    """Packed bits per weight of the targeted layers in a model of `compressed_bytes` compressed bytes."""
+    return 8 * (compressed_bytes - shape.other_bytes) / max(shape.target_weights, 1)
+
+
 def budget_measure(spec: SearchSpec, shape: ModelShape, compressed_bytes: int) -> float:
     """The budget's quantity for a model of `compressed_bytes` compressed bytes."""
-    target = compressed_bytes - shape.other_bytes
     if spec.budget.kind == "bits_per_weight":
-        return 8 * target / max(shape.target_weights, 1)
+        return bits_per_weight(shape, compressed_bytes)
     extra = shape.kv_bytes_per_token * spec.budget.context_tokens if spec.budget.kind == "memory_mb" else 0
     return (compressed_bytes + extra) / MiB
 
@@ -88,15 +89,10 @@ def allowed_total_bytes(spec: SearchSpec, shape: ModelShape, fraction: float) ->
 
 def factored_shapes(out_f: int, in_f: int, ratio: float, rank_multiple: int) -> list[tuple[int, int]]:
     """The (out, in) matrices a layer becomes after the low-rank step (as studio.methods.low_rank chooses)."""
-    from studio.methods.low_rank import budget_rank, dense_break_even
+    from studio.methods.low_rank import budget_rank, kept_rank
 
-    if ratio <= 0:
-        return [(out_f, in_f)]
-    rank = min(budget_rank(out_f, in_f, ratio), out_f, in_f)
-    rank = max(rank_multiple, rank - rank % rank_multiple)
-    if rank >= dense_break_even(out_f, in_f):
-        return [(out_f, in_f)]
-    return [(out_f, rank), (rank, in_f)]
+    rank = kept_rank(min(budget_rank(out_f, in_f, ratio), out_f, in_f), out_f, in_f, rank_multiple) if ratio > 0 else None
+    return [(out_f, in_f)] if rank is None else [(out_f, rank), (rank, in_f)]
 
 
 @dataclass(frozen=True)
