@@ -19,6 +19,7 @@ def test_packing_round_trips_and_takes_bits_per_code(bits, rows, columns, seed):
     packed = pack_codes(codes, bits)
     assert packed.dtype == torch.uint8
     assert packed.numel() == packed_length(codes.numel(), bits) == -(-codes.numel() // 8) * bits
+    assert packed.untyped_storage().nbytes() == packed.numel()  # holds no larger buffer it was cut from
     assert torch.equal(unpack_codes(packed, bits, (rows, columns)), codes)
 
 

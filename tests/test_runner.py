@@ -141,3 +141,18 @@ def test_estimates_before_running():
     estimates = estimate(steps, model)
     linear_weights = sum(m.weight.numel() for n, m in model.named_modules() if n.startswith("model.layers") and hasattr(m, "weight") and m.weight.dim() == 2)
     assert all(e.extra_bytes >= linear_weights * 4 and e.seconds > 0 for e in estimates)
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("0", "0")])
+def test_importing_the_studio_asks_torch_for_huge_pages_unless_the_user_chose(preset, expected):
+    """A fresh interpreter: the variable only counts before the first tensor allocation."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    script = "import os, studio; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

@@ -193,7 +193,10 @@ def run_job(side: Side, work: Path, folder: Path, calibration: Path, settings: d
            "calibration": str(calibration), "calibration_settings": settings, "out": str(out)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.json").write_text(json.dumps(job, indent=2))
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           # PyTorch's 2 MiB pages for tensors of 2 MiB or more, which the studio turns on for itself (studio/__init__):
+           # every tool runs with the same allocator, so the table compares the tools, not the setting
+           "THP_MEM_ALLOC_ENABLE": "1"}
     runs = []
     for attempt in range(repeat):
         log(f"{side.tool}: {side.method} {side.params}" + (f" (run {attempt + 1} of {repeat})" if repeat > 1 else ""))

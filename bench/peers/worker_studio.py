@@ -8,6 +8,8 @@ import common  # noqa: E402
 
 
 def main() -> None:
+    import studio  # noqa: F401  (first, as in the studio's own commands: its settings precede any tensor)
+
     job = common.read_job()
     import torch
 

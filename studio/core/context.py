@@ -67,6 +67,8 @@ class StepContext:
         old = weight_matrix(module)
         report.error = float((new.float() - old.float()).norm() / old.float().norm().clamp_min(1e-12))
         set_weight_matrix(module, new, in_place=self.in_place)
+        if record.get("quant") is not None:  # the layer now holds the dequantized codes: read them back from it
+            record["quant"] = record["quant"].on_weight(weight_matrix(module))
         previous = compression_state(self.model).get(name)
         if previous is not None and previous.quant is not None and "quant" not in record:
             record["quant"] = None

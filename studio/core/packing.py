@@ -42,7 +42,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     for i in range(1, _CODES_PER_WORD):
         torch.bitwise_right_shift(words, 8 * i, out=code)
         packed.bitwise_or_(code.bitwise_and_(mask).bitwise_left_shift_(bits * i))
-    return packed.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)
+    return packed.view(torch.uint8).view(-1, 8)[:, :bits].clone().view(-1)  # a copy, not a view of the words
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -42,11 +42,11 @@ def save_state(model: nn.Module, folder: Path) -> bool:
             q = record.quant
             info.update(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, shape=list(q.shape),
                         packing=BIT_PACKING)
-            tensors[f"{name}.codes"] = q.packed.contiguous()
+            tensors[f"{name}.codes"] = q.packed_codes().contiguous()
             tensors[f"{name}.scales"] = q.scales.contiguous()
             tensors[f"{name}.zeros"] = q.zeros.contiguous()
-        if record.mask is not None:
-            info["mask_shape"] = list(record.mask.shape)
+        if record.packed_mask is not None:
+            info["mask_shape"] = list(record.packed_mask.shape)
             tensors[f"{name}.mask"] = _pack_bits(record.mask)
         layers[name] = info
     metadata = {"layers": json.dumps(layers), "input_quant": json.dumps(input_quant)}
@@ -56,6 +56,7 @@ def save_state(model: nn.Module, folder: Path) -> bool:
 
 def restore_state(model: nn.Module, folder: Path) -> list[str]:
     """Give `model` (loaded from `folder`) the records saved beside it; returns warnings for records dropped."""
+    import torch
     from safetensors import safe_open
 
     from studio.core.structure import weight_matrix
@@ -92,14 +93,17 @@ def restore_state(model: nn.Module, folder: Path) -> list[str]:
             if problem:
                 warnings.append(f"{path}: the codes of {name} {problem} and were dropped")
             else:
+                read_back = quant.on_weight(weight)  # kept packed unless the weight gives exactly these codes
+                if read_back is not quant and torch.equal(read_back.codes, quant.codes):
+                    quant = read_back
                 record = LayerRecord(quant=quant, sparsity_pattern=record.sparsity_pattern)
         if "mask_shape" in info:
             mask = _unpack_bits(tensors[f"{name}.mask"], tuple(info["mask_shape"]))
             if mask.shape != weight.shape or bool(weight[~mask.to(weight.device)].any()):
                 warnings.append(f"{path}: the sparsity mask of {name} no longer matches its weights and was dropped")
             else:
-                record = LayerRecord(record.quant, mask, record.sparsity_pattern)
-        if record.quant is not None or record.mask is not None:
+                record = record.with_changes(mask=mask)
+        if record.quant is not None or record.packed_mask is not None:
             state[name] = record
     for name, spec in input_quant.items():
         if name in modules:

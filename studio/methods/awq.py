@@ -37,7 +37,7 @@ from studio.core.context import StepContext
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
 from studio.core.state import QuantizedWeight, packed_size
 from studio.core.structure import in_out_features, iter_layers, weight_matrix
-from studio.methods.grid import quantize_rtn
+from studio.methods.grid import quantize_rtn_dense
 from studio.methods.rtn import group_size_problems
 from studio.methods.smoothquant import (
     DEFAULT_CALIBRATION_TOKENS,
@@ -73,7 +73,7 @@ class AWQParams(MethodParams):
 
 
 def _quantize_dequantize(w: torch.Tensor, params: AWQParams) -> torch.Tensor:
-    return quantize_rtn(w, params.bits, params.group_size, params.symmetric).dequantize()
+    return quantize_rtn_dense(w, params.bits, params.group_size, params.symmetric)[1].float()
 
 
 def weight_magnitude(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -170,7 +170,7 @@ def quantize_layer(w: torch.Tensor, x: torch.Tensor, params: AWQParams, clip: bo
     """Codes of the (already scaled) weight, its range clipped by the search when `clip`."""
     if clip:
         w = clip_to(w.float(), search_clip(w, x, params)).to(w.dtype)
-    return quantize_rtn(w, params.bits, params.group_size, params.symmetric)
+    return quantize_rtn_dense(w, params.bits, params.group_size, params.symmetric)[0]
 
 
 @register

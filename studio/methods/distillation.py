@@ -286,7 +286,7 @@ def select_trainable(ctx: StepContext, params: DistillParams, generator: torch.G
                     plan.train_in_place(parameter)
     for name, module in linears.items():
         record = state.get(name)
-        mask = None if record is None or record.mask is None else record.mask.to(module.weight.device)
+        mask = None if record is None or record.packed_mask is None else record.mask.to(module.weight.device)
         if params.trainable != "lora" and getattr(module, "bias", None) is not None:
             plan.train_in_place(module.bias)
         if name in plan.frozen_quantized:

@@ -7,6 +7,7 @@ m = max|w| and the zero point fixed at 2^(b-1), the convention of the GPTQ refer
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from studio.core.state import QuantizedWeight
@@ -33,14 +34,17 @@ def grid_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tens
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedWeight:
-    """Round every weight of the (out, in) matrix `w` to the nearest point of its group's grid."""
-    return quantize_rtn_dense(w, bits, group_size, symmetric)[0]
+    """Round every weight of the (out, in) matrix `w` to the nearest point of its group's grid; the codes kept
+    packed, since no layer holds their dequantization."""
+    quant = quantize_rtn_dense(w, bits, group_size, symmetric)[0]
+    return quant if quant.packed is not None else replace(quant, packed=quant.packed_codes(), source=None)
 
 
 def quantize_rtn_dense(w: torch.Tensor, bits: int, group_size: int,
                        symmetric: bool) -> tuple[QuantizedWeight, torch.Tensor]:
     """`quantize_rtn` and the dequantized (out, in) weight in `w`'s dtype, equal to `.dequantize()`, from one
-    buffer worked in place: the whole model is a few passes over memory instead of a dozen."""
+    buffer worked in place: the whole model is a few passes over memory instead of a dozen. For float32 the
+    codes are not packed: the record reads them back from the dense weight (QuantizedWeight.on_weight)."""
     import torch
 
     out_f, in_f = w.shape
@@ -49,15 +53,13 @@ def quantize_rtn_dense(w: torch.Tensor, bits: int, group_size: int,
     scale, zero = grid_params(groups, bits, symmetric)
     scale3, zero3 = scale[..., None], zero[..., None]
     grid = torch.div(groups, scale3).round_().add_(zero3).clamp_(0, 2**bits - 1)  # the codes, in place
-    codes = grid.to(torch.uint8)
+    codes = None if w.dtype == torch.float32 else grid.to(torch.uint8)
     stored_scale = scale.to(w.dtype)  # dequantize with the scale as stored, like QuantizedWeight.dequantize
-    dense = grid.sub_(zero3).mul_(stored_scale.float()[..., None])
-    quant = QuantizedWeight.from_codes(
-        codes=codes.reshape(out_f, in_f),
-        scales=stored_scale,
-        zeros=zero.to(torch.uint8),
-        bits=bits,
-        group_size=group_size,
-        symmetric=symmetric,
-    )
-    return quant, dense.reshape(out_f, in_f).to(w.dtype)
+    dense = grid.sub_(zero3).mul_(stored_scale.float()[..., None]).reshape(out_f, in_f).to(w.dtype)
+    if codes is None:
+        quant = QuantizedWeight(None, (out_f, in_f), stored_scale, zero.to(torch.uint8), bits, group_size,
+                                symmetric, source=dense)
+    else:
+        quant = QuantizedWeight.from_codes(codes.reshape(out_f, in_f), stored_scale, zero.to(torch.uint8), bits,
+                                           group_size, symmetric)
+    return quant, dense

@@ -32,7 +32,7 @@ pruned on the meta device and compared with a block built from the changed confi
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
@@ -510,7 +510,7 @@ def carry_record(ctx: StepContext, name: str, rows, columns) -> None:
     if record is None:
         return
     changes: dict[str, Any] = {}
-    if record.mask is not None:
+    if record.packed_mask is not None:
         changes["mask"] = _take(record.mask, rows, columns)
     quant = record.quant
     if quant is not None:
@@ -522,7 +522,7 @@ def carry_record(ctx: StepContext, name: str, rows, columns) -> None:
             changes["quant"] = None
             ctx.warn(f"{name}: its quantization groups are split by the removed channels, so its codes were "
                      "dropped (the weights stay as they were)")
-    state[name] = replace(record, **changes)
+    state[name] = record.with_changes(**changes)
 
 
 def _take(t: torch.Tensor, rows, columns) -> torch.Tensor:

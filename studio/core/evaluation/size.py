@@ -14,29 +14,20 @@ from studio.core.state import compression_state
 from studio.core.summary import unique_tensors
 
 
-_SAME_WIDTH_INT = {4: torch.int32, 2: torch.int16, 8: torch.int64}
+_CHUNK = 1 << 22  # elements counted at a time, so a memory-mapped checkpoint's pages go back as they are read
 
 
-_CHUNK = 1 << 22  # elements: |t| is taken a slice at a time, so no copy of a whole embedding is made
-
-
-def _count_nonzero(t: torch.Tensor, scratch: dict[tuple, torch.Tensor] | None = None) -> int:
-    """torch.count_nonzero, counted on the bits of |t|: float count_nonzero slows down threefold on weights
-    with many scattered zeros (quantized ones: about one in eight), the integer count does not; abs first so
-    that -0.0 counts as zero, into a `scratch` buffer kept across calls (a new one per slice costs page faults)."""
-    width = _SAME_WIDTH_INT.get(t.element_size())
-    if not t.is_floating_point() or width is None or not t.is_contiguous():
+def _count_nonzero(t: torch.Tensor) -> int:
+    """torch.count_nonzero (-0.0 is zero), a slice at a time on the CPU: the pages of a memory-mapped checkpoint
+    that were only read are given back after each slice. Measured on 28 M float32 weights, 2 threads: 6.5 ms
+    dense and 24 ms with one weight in eight zero, where taking |w| into a buffer and counting its bits as
+    integers took 38-40 ms either way."""
+    if t.device.type != "cpu" or not t.is_contiguous():
         return int(t.count_nonzero())
-    scratch = {} if scratch is None else scratch
     count = 0
     for chunk in t.view(-1).split(_CHUNK):
-        key = (chunk.dtype, chunk.device)
-        if key not in scratch:
-            scratch[key] = torch.empty(_CHUNK, dtype=chunk.dtype, device=chunk.device)
-        magnitude = torch.abs(chunk, out=scratch[key][: chunk.numel()])
-        count += int(magnitude.view(width).count_nonzero())
-        if chunk.device.type == "cpu":  # read, not changed: a memory-mapped checkpoint need not stay resident
-            release_read_only_file_pages(chunk.data_ptr(), chunk.numel() * chunk.element_size())
+        count += int(chunk.count_nonzero())
+        release_read_only_file_pages(chunk.data_ptr(), chunk.numel() * chunk.element_size())
     return count
 
 
@@ -58,8 +49,7 @@ def compressed_bytes(model: nn.Module, memory: int | None = None) -> int:
 def size_report(model: nn.Module, folder: str | Path | None = None) -> dict[str, Any]:
     params = set(model.parameters())
     total = sum(p.numel() for p in params)
-    scratch: dict = {}
-    nonzero = sum(_count_nonzero(p.detach(), scratch) for p in params)
+    nonzero = sum(_count_nonzero(p.detach()) for p in params)
     memory = memory_bytes(model)
     report = {
         "parameters": total,

@@ -28,7 +28,7 @@ def model_state_summary(model: nn.Module) -> str:
     state = compression_state(model)
     quant = Counter(f"{r.quant.bits}-bit " + (f"g{r.quant.group_size}" if r.quant.group_size else "per-channel")
                     + (" sym" if r.quant.symmetric else " asym") for r in state.values() if r.quant is not None)
-    sparse = Counter(r.sparsity_pattern or "unstructured" for r in state.values() if r.mask is not None)
+    sparse = Counter(r.sparsity_pattern or "unstructured" for r in state.values() if r.packed_mask is not None)
     parts = []
     factored = _low_rank_count(model)
     if factored:
@@ -80,7 +80,7 @@ def _compressed_tensors_advice(model: nn.Module) -> FormatAdvice:
     from studio.core.state import compression_state
 
     problems = compressed_tensors_problems(model)
-    sparse = any(r.mask is not None for r in compression_state(model).values())
+    sparse = any(r.packed_mask is not None for r in compression_state(model).values())
     details = ["compressed-tensors 0.20 writes no sparse format: pruned layers are stored dense."] if sparse else []
     return FormatAdvice("compressed-tensors", not problems,
                         problems[0] if problems else "Fits: the studio's codes are packed as they are.",

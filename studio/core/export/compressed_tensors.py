@@ -191,7 +191,7 @@ def _plan_layers(model: nn.Module, embedding_bits: int | None, cancel: CancelTok
             packed.append(PackedLayer(name, record.quant, "Linear", bits if bits is not None and bits < 16 else None))
         elif record is not None and record.quant is not None:
             dense[name] = "its weights changed after quantization (written dense)"
-        elif record is not None and record.mask is not None:
+        elif record is not None and record.packed_mask is not None:
             dense[name] = f"pruned ({record.sparsity_pattern or 'unstructured'}), not quantized: {NO_SPARSE_FORMAT}"
         elif module.weight is embedding_weight:
             dense[name] = "tied to the token embedding"
@@ -308,7 +308,7 @@ def compressed_layer_tensors(quant: QuantizedWeight, scheme: QuantizationScheme,
     tensors = {"weight_scale": quant.scales.to(dtype).contiguous()}
     if scheme.format == "pack-quantized":
         tensors["weight_packed"] = pack_to_int32(codes, quant.bits)
-        tensors["weight_shape"] = torch.tensor(tuple(quant.codes.shape))
+        tensors["weight_shape"] = torch.tensor(tuple(quant.shape))
     else:  # int-quantized: one int8 per weight
         tensors["weight"] = codes.contiguous()
     if not quant.symmetric:
@@ -439,7 +439,8 @@ def _summary(model: nn.Module, packed: list[PackedLayer], dense: dict[str, str],
         "embedding": _embedding_note(model, embedding, dtype),
         "how_to_load": how_to_load(qconfig, quantized_embedding=embedding is not None),
     }
-    pruned = [name for name, record in (getattr(model, STATE_ATTR, None) or {}).items() if record.mask is not None]
+    records = getattr(model, STATE_ATTR, None) or {}
+    pruned = [name for name, record in records.items() if record.packed_mask is not None]
     if pruned:
         summary["sparsity"] = (f"{len(pruned)} pruned layers are written without sparse compression "
                                f"({NO_SPARSE_FORMAT}); quantized ones keep their zeros as codes")

@@ -61,7 +61,7 @@ BY_SIZE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 def block_layout_fits(quant: QuantizedWeight) -> bool:
     """Each group covers whole blocks (group size, or the row when 0, a multiple of 32)."""
-    in_features = quant.codes.shape[1]
+    in_features = quant.shape[1]
     width = quant.group_size or in_features
     return width % BLOCK == 0 and in_features % BLOCK == 0
 
