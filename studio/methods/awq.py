@@ -168,9 +168,15 @@ def _is_query_or_key(name: str) -> bool:
 
 def quantize_layer(w: torch.Tensor, x: torch.Tensor, params: AWQParams, clip: bool) -> QuantizedWeight:
     """Codes of the (already scaled) weight, its range clipped by the search when `clip`."""
+    return quantize_layer_dense(w, x, params, clip)[0]
+
+
+def quantize_layer_dense(w: torch.Tensor, x: torch.Tensor, params: AWQParams,
+                         clip: bool) -> tuple[QuantizedWeight, torch.Tensor]:
+    """`quantize_layer` and its dequantized weight in `w`'s dtype (quantize_rtn_dense)."""
     if clip:
         w = clip_to(w.float(), search_clip(w, x, params)).to(w.dtype)
-    return quantize_rtn_dense(w, params.bits, params.group_size, params.symmetric)[0]
+    return quantize_rtn_dense(w, params.bits, params.group_size, params.symmetric)
 
 
 @register
@@ -229,9 +235,9 @@ class AWQ(Method):
                 for inner, module in zip(group.layers, group.modules(bp.block)):
                     name = full[inner]
                     w = weight_matrix(module)
-                    q = quantize_layer(w, x, params, params.clip and not _is_query_or_key(name))
+                    q, dense = quantize_layer_dense(w, x, params, params.clip and not _is_query_or_key(name))
                     report = LayerReport(name, bits=params.bits, group_size=params.group_size, parameters=w.numel())
-                    ctx.replace_weight(name, module, q.dequantize().to(w.dtype), report, quant=q)
+                    ctx.replace_weight(name, module, dense.to(w.dtype), report, quant=q)
         return StepOutcome(ctx.reports, {
             "bits": params.bits,
             "group_size": params.group_size,
