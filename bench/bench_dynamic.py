@@ -47,7 +47,7 @@ def context(loaded, args, torch):
     settings = CalibrationSettings(text_file=str(C4), samples=8, seq_len=256)
     calibration = CalibrationData(load_calibration_tokens(loaded.tokenizer, settings), 8, settings)
     return StepContext(loaded.model, {}, 0, lambda event: None, CancelToken(), calibration=calibration,
-                       tokenizer=loaded.tokenizer, evaluation=Evaluation(tokens, config))
+                       tokenizer_or_loader=loaded.tokenizer, evaluation=Evaluation(tokens, config))
 
 
 def early_exit_rows(ctx, args):

@@ -8,4 +8,8 @@ import os
 # same speed. A value the user set is kept.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from studio.core.memory import settle_malloc_thresholds  # noqa: E402
+
+settle_malloc_thresholds()
+
 __version__ = "0.1.0"

@@ -36,7 +36,7 @@ def one_thread():
 def context(model, tokenizer=None, evaluation=None, tokens=None):
     tokens = calibration_tokens(4, 40) if tokens is None else tokens
     return StepContext(model, {}, 0, ev.ignore, ev.CancelToken(), calibration=CalibrationData(tokens, 2),
-                       tokenizer=tokenizer, evaluation=evaluation)
+                       tokenizer_or_loader=tokenizer, evaluation=evaluation)
 
 
 def exit_state(model, threshold, measure="top_probability"):

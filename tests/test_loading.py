@@ -21,6 +21,26 @@ def test_hf_folder_round_trip(tiny_folder):
     assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
 
 
+def test_the_tokenizer_is_loaded_when_text_is_first_needed(tiny_folder, monkeypatch):
+    import studio.core.loading as loading
+    from studio.core.recipe import parse_recipe
+    from studio.core.runner import run_recipe
+
+    loads = []
+    load_tokenizer = loading._load_tokenizer
+    monkeypatch.setattr(loading, "_load_tokenizer", lambda *a, **k: loads.append(a) or load_tokenizer(*a, **k))
+    loaded = load_model(tiny_folder)
+    rtn = parse_recipe({"schema_version": 2, "steps": [{"method": "rtn", "params": {"bits": 4, "group_size": 32}}]})
+    assert run_recipe(rtn, loaded, in_place=True).status == "finished"
+    assert loads == []  # rounding reads no text
+    assert loaded.tokenizer("a cat") is not None and loaded.tokenizer is loaded.tokenizer
+    assert len(loads) == 1
+
+    (tiny_folder / "tokenizer.json").unlink()
+    without = load_model(tiny_folder)
+    assert without.tokenizer is None and without.tokenizer is None and len(loads) == 2
+
+
 def test_single_safetensors_file_with_config_beside_it(tiny_folder):
     renamed = tiny_folder / "weights-v2.safetensors"
     (tiny_folder / "model.safetensors").rename(renamed)

@@ -56,7 +56,7 @@ def halve(block_pass, stage):
 @pytest.mark.parametrize("runner", ["one_pass", "rerun"])
 @pytest.mark.parametrize("kind", ["llama", "opt", "gpt2"])
 def test_each_stage_sees_the_inputs_the_compressed_stages_before_it_give(kind, runner, monkeypatch):
-    monkeypatch.setattr(sequential, "choose_stage_runner", lambda block_pass, stages: runner)
+    monkeypatch.setattr(sequential, "choose_stage_runner", lambda *args: runner)
     model, block = first_block(kind)
     reference = copy.deepcopy(block.block)
     reference_layers = dict(zip(block.layers, [dict(reference.named_modules())[n.split(f".{block.index}.", 1)[1]]
@@ -84,24 +84,45 @@ def test_each_stage_sees_the_inputs_the_compressed_stages_before_it_give(kind, r
     assert block.outputs() is staged  # and they are reused, not computed again
 
 
-def test_the_one_pass_is_taken_only_while_its_paused_batches_fit_a_quarter_of_the_free_memory(monkeypatch):
+def test_the_one_pass_is_taken_only_while_its_paused_batches_are_small_beside_the_model_and_the_free_memory(
+        monkeypatch):
     from studio.core import memory
 
     _, block = first_block("llama", samples=7)
     stages = learn_stages(block, {})
     tokens = sum(h.numel() // h.shape[-1] for h in block.inputs)
     hidden, widest = block.inputs[0].shape[-1], max(m.in_features for m in block.layers.values())
-    assert paused_bytes(block, stages) == tokens * (2 * hidden + widest) * 4
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * paused_bytes(block, stages))
+    paused = paused_bytes(block, stages)
+    assert paused == tokens * (2 * hidden + widest) * 4
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * paused)
     assert choose_stage_runner(block, stages) == "one_pass"
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * paused_bytes(block, stages) - 1)
-    assert choose_stage_runner(block, stages) == "rerun"
+    assert choose_stage_runner(block, stages, "auto", model_bytes=10 * paused) == "one_pass"
+    assert choose_stage_runner(block, stages, "auto", model_bytes=10 * paused - 1) == "rerun"
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * paused - 1)
+    assert choose_stage_runner(block, stages, "auto", model_bytes=100 * paused) == "rerun"
+    assert choose_stage_runner(block, stages, "one_pass", model_bytes=paused) == "one_pass"  # the recipe decides
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 100 * paused)
+    assert choose_stage_runner(block, stages, "rerun") == "rerun"
+
+
+@pytest.mark.parametrize("stage_pass", ["rerun", "one_pass"])
+def test_the_recipe_chooses_the_stage_runner(stage_pass, monkeypatch):
+    from studio.core.calibration import CalibrationSettings
+
+    chosen = []
+    choose = sequential.choose_stage_runner
+    monkeypatch.setattr(sequential, "choose_stage_runner", lambda *a: chosen.append(choose(*a)) or chosen[-1])
+    model = tiny_model("llama")
+    calibration = CalibrationData(calibration_tokens(samples=3), 2, CalibrationSettings(stage_pass=stage_pass))
+    for block in layerwise(model, calibration, target_layers(model, TargetSpec())):
+        block.compress_in_stages(lambda stage, x: None, lambda stage, block=block: halve(block, stage))
+    assert chosen and set(chosen) == {stage_pass}
 
 
 @pytest.mark.parametrize("kind", ARCHS)
 def test_both_runners_give_every_stage_the_same_inputs_and_the_block_the_same_weights(kind, monkeypatch):
     def compress_all(runner):
-        monkeypatch.setattr(sequential, "choose_stage_runner", lambda block_pass, stages: runner)
+        monkeypatch.setattr(sequential, "choose_stage_runner", lambda *args: runner)
         model = tiny_model(kind)
         seen = []
         for block in layerwise(model, CalibrationData(calibration_tokens(samples=5), 2),

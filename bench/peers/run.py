@@ -331,10 +331,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results_file = work / "peers.json"
     rerun = set(PEERS) | {"studio"} if args.rerun == "all" else {t.strip() for t in (args.rerun or "").split(",") if t}
-    saved = json.loads(results_file.read_text()) if results_file.exists() and args.rerun != "all" else {}
+    saved = json.loads(results_file.read_text()) if results_file.exists() else {}  # the rows --only leaves out stay
     log(f"evaluating the original on {args.tokens} tokens")
-    evaluator = Evaluator(folder, args.tokens,
-                          saved.get("original_perplexity") if saved.get("tokens") == args.tokens else None)
+    evaluator = Evaluator(folder, args.tokens, saved.get("original_perplexity")
+                          if saved.get("tokens") == args.tokens and args.rerun != "all" else None)
     rows: dict[str, dict] = saved.get("rows", {})
     sides = {side.key: side for pair in pairs for side in (pair.studio, pair.peer) if side.tool not in failures}
     for key, side in sides.items():

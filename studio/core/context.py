@@ -40,8 +40,14 @@ class StepContext:
     calibration: CalibrationData | None = None  # set by the runner for methods that need calibration
     teacher: nn.Module | None = None  # the loaded original, read-only: distillation's teacher, a reference
     in_place: bool = False  # the run changes the loaded model itself: weights are written into their tensors
-    tokenizer: Any = None
+    tokenizer_or_loader: Any = None  # the model's tokenizer, or a TokenizerLoader that loads it when asked
     evaluation: Evaluation | None = None  # the run's evaluation text, when it has one
+
+    @property
+    def tokenizer(self) -> Any:
+        from studio.core.loading import resolve_tokenizer  # loading imports torch; the window opens without it
+
+        return resolve_tokenizer(self.tokenizer_or_loader)
 
     def layerwise(self, all_blocks: bool = False):
         """The layer-wise calibration engine over this step's targets (see studio.core.calibration)."""

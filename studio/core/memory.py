@@ -1,6 +1,6 @@
-"""Process memory: current RSS, the peak RSS over a stretch of work (sampled by a background thread), the
-allocator setting that keeps work spread over threads from multiplying it, and letting go of checkpoint pages
-that were only read."""
+"""Process memory: current RSS, the peak RSS over a stretch of work (sampled by a background thread), glibc's
+malloc thresholds, and the pages of memory-mapped checkpoints: letting go of those only read, and writing over
+the others without copying them from the file first."""
 
 import ctypes
 import ctypes.util
@@ -25,34 +25,56 @@ def _glibc():
         return None
 
 
-_M_ARENA_MAX = -8  # glibc's malloc.h
-
-
 def return_free_memory() -> None:
-    """Hand the allocator's free pages back to the system (glibc's malloc_trim). glibc keeps freed chunks below
-    its mmap threshold, which grows to the largest block freed so far, on its heap; in a layer-wise pass those
-    are the previous blocks' activations. Measured on SmolLM2 SmoothQuant, trimming after each block: a peak
-    RSS of 1,340 MiB against 1,578 MiB. (Fixing the threshold instead made the same run 1.9 times slower.)"""
+    """Hand the allocator's free pages back to the system (glibc's malloc_trim). glibc keeps freed chunks of up
+    to 32 MiB on its heap (settle_malloc_thresholds); in a layer-wise pass those are the previous blocks'
+    activations. Measured on SmolLM2 SmoothQuant, trimming after each block: a peak RSS of 1,340 MiB against
+    1,578 MiB."""
     libc = _glibc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_HEAP_BLOCKS_UP_TO = 32 << 20  # glibc's own ceiling for the threshold it adapts (DEFAULT_MMAP_THRESHOLD_MAX)
+
+
 @functools.cache
-def share_one_malloc_arena() -> None:
-    """Let threads created from now on allocate from the arenas that exist instead of one new arena each.
-    Work handed from thread to thread, one computing at a time (studio.core.sequential), otherwise leaves each
-    thread's freed activations cached in its own arena: measured on SmolLM2 over 30 blocks, a peak RSS of 2,296
-    MiB against 1,248 MiB with this setting (a plain pass: 1,242 MiB). Harmless where threads rarely
-    allocate at the same time, as in this application."""
+def settle_malloc_thresholds() -> None:
+    """Serve blocks of up to 32 MiB from glibc's heap and keep up to 64 MiB free at its top (mallopt), the
+    values glibc's adaptive thresholds reach anyway once the process has freed a large block.
+
+    Until then glibc maps every block of 128 KiB or more afresh and unmaps it on free, so each temporary tensor
+    costs page faults, and how fast a step ran depended on what the process had happened to free before it.
+    Measured on SmolLM2 (float32 folder), HQQ 4-bit: 25.6-27.7 s with 7-8 M page faults when nothing before the
+    run had freed a large block, 10.6 s with 0.48 M after loading the tokenizer had, 10.1 s with 0.40 M with these
+    settings from the start (RTN W4: 2.1, 1.4 and 1.4 s; peak RSS within 10 MiB). Free heap pages still go back
+    to the system after each block of a layer-wise step (return_free_memory)."""
     libc = _glibc()
     if libc is not None:
-        libc.mallopt(_M_ARENA_MAX, 1)
+        libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS_UP_TO)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _HEAP_BLOCKS_UP_TO)
 
 
 _MADV_DONTNEED = 4
 _PAGEMAP_PRESENT, _PAGEMAP_FILE = 1 << 63, 1 << 61  # /proc/self/pagemap: in memory; a page of a file (or shared)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _page_flags(address: int, length: int):
+    """(first page number, one /proc/self/pagemap entry per page) for [address, address + length), or None
+    where pagemap cannot be read (elsewhere than Linux)."""
+    if _glibc() is None or length <= 0:
+        return None
+    first, end = address // _PAGE, -(-(address + length) // _PAGE)
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            raw = os.pread(pagemap.fileno(), (end - first) * 8, first * 8)
+    except OSError:
+        return None
+    import numpy as np
+
+    return first, np.frombuffer(raw, dtype=np.uint64)
 
 
 def release_read_only_file_pages(address: int, length: int) -> None:
@@ -63,23 +85,71 @@ def release_read_only_file_pages(address: int, length: int) -> None:
     there again. Only pages that /proc/self/pagemap shows as present file pages are released: a page this process
     wrote to is a private anonymous copy and is never touched. Call it only where nothing writes to the range
     at the same time (a write between the check and the release would be lost). Elsewhere than Linux: nothing."""
-    libc = _glibc()
-    if libc is None or length <= 0:
-        return
-    first, end = address // _PAGE, -(-(address + length) // _PAGE)
-    try:
-        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-            raw = os.pread(pagemap.fileno(), (end - first) * 8, first * 8)
-    except OSError:
+    pages = _page_flags(address, length)
+    if pages is None:
         return
     import numpy as np
 
-    flags = np.frombuffer(raw, dtype=np.uint64)
+    first, flags = pages
     file_page = ((flags & np.uint64(_PAGEMAP_PRESENT)) != 0) & ((flags & np.uint64(_PAGEMAP_FILE)) != 0)
     edges = np.flatnonzero(np.diff(np.concatenate(([False], file_page, [False])).astype(np.int8)))
+    libc = _glibc()
     for start, stop in zip(edges[0::2].tolist(), edges[1::2].tolist()):  # runs of file pages: [start, stop)
         address, length = ctypes.c_void_p((first + start) * _PAGE), ctypes.c_size_t((stop - start) * _PAGE)
         libc.madvise(address, length, _MADV_DONTNEED)
+
+
+def _holds_own_pages(address: int, length: int) -> bool:
+    """Whether any page of [address, address + length) is this process's own: present and anonymous (the heap,
+    or a page of a mapped file it wrote to). True where pagemap cannot be read."""
+    pages = _page_flags(address, length)
+    if pages is None:
+        return True
+    import numpy as np
+
+    flags = pages[1]
+    own = ((flags & np.uint64(_PAGEMAP_PRESENT)) != 0) & ((flags & np.uint64(_PAGEMAP_FILE)) == 0)
+    return bool(own.any())
+
+
+def _private_file_mapping(address: int, length: int) -> bool:
+    """Whether [address, address + length) lies in one writable private mapping of a file (/proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                span, perms, _offset, _device, inode, *_path = line.split()
+                start, end = (int(x, 16) for x in span.split("-"))
+                if start <= address < end:
+                    return address + length <= end and perms[1] == "w" and perms[3] == "p" and inode != "0"
+    except OSError:
+        pass
+    return False
+
+
+_PROT_READ_WRITE, _MAP_PRIVATE_ANONYMOUS_FIXED, _MADV_HUGEPAGE = 0x1 | 0x2, 0x02 | 0x20 | 0x10, 14
+
+
+def fresh_pages_for_overwrite(address: int, length: int) -> None:
+    """Before [address, address + length) is overwritten whole: where it is still a memory-mapped file's unmodified
+    pages, put fresh anonymous pages in their place (mmap MAP_FIXED over the range's whole pages).
+
+    A checkpoint transformers memory-maps privately copies each page from the file on the first write to it, a
+    page fault and a 4 KiB copy for every page: writing RTN's weights into SmolLM2 took 0.86-0.90 s that way and
+    0.24-0.27 s onto fresh pages (which may also be huge pages), the same values and the same memory afterwards.
+    Nothing but the caller may read the range until it has written it: its whole pages read as zeros. Where a
+    page of the range is already the process's own (written before) or the range is not a private file mapping,
+    nothing is done. Elsewhere than Linux: nothing."""
+    libc = _glibc()
+    first, end = -(-address // _PAGE) * _PAGE, (address + length) // _PAGE * _PAGE
+    if libc is None or end <= first or not _private_file_mapping(address, length):
+        return
+    if _holds_own_pages(first, end - first):  # not the edge pages: a neighbour written before may share them
+        return
+    mmap = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                            ctypes.c_int, ctypes.c_long, use_errno=True)(("mmap", libc))
+    if mmap(first, end - first, _PROT_READ_WRITE, _MAP_PRIVATE_ANONYMOUS_FIXED, -1, 0) != first:
+        raise OSError(ctypes.get_errno(), f"mmap MAP_FIXED at {first:#x} failed")
+    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), _MADV_HUGEPAGE)
 
 
 def available_memory_bytes() -> int:

@@ -135,7 +135,7 @@ def run_recipe(
             layers = target_layers(model, vs.step.targets)
             ctx = StepContext(model, layers, index, events, cancel, calibration=calibration,
                               teacher=None if in_place else original, in_place=in_place,
-                              tokenizer=loaded.tokenizer,
+                              tokenizer_or_loader=loaded.tokenizer_or_loader,
                               evaluation=None if tokens is None else Evaluation(tokens, eval_config))
             begin = time.perf_counter()
             rss_before = rss_bytes()

@@ -7,9 +7,9 @@ block as a greenlet (a call stack that can be paused) and pauses where the next 
 every batch has paused there, the stage is compressed and the batches go on. Everything stays in the calling
 thread, one batch computing at a time, and the block's outputs, with every stage compressed, come out of the same
 pass. Both give the same inputs to every stage, bit for bit. The one pass saves the re-runs (on SmolLM2-135M
-with 32 × 512 tokens, GPTQ W4 took 59 s against 101 s) but keeps every paused batch's activations alive (peak
-RSS 1,562 against 1,415 MiB there; on a 7B model with 128 × 2048 tokens, gigabytes): `choose_stage_runner`
-takes it only when those fit comfortably in the memory available.
+with 32 × 512 tokens, GPTQ W4 took 64 s against 103 s) but keeps every paused batch's activations alive (peak
+RSS 1,321 against 1,197 MiB there; on a 7B model with 128 × 2048 tokens, gigabytes): the recipe chooses
+(`stage_pass`), and by default `choose_stage_runner` takes it only where those are small beside the model.
 
 A stage is a run of layers the block calls one after another on the very same input tensor (q/k/v, gate/up).
 The stages are learned from one batch the first time a block of a given shape is met. A block that calls a
@@ -135,6 +135,7 @@ def run_stage_by_stage(block_pass: BlockPass, stages: list[Stage], observe: Stag
 
 
 PAUSED_SHARE_OF_AVAILABLE = 0.25  # the one pass's paused activations may take this share of the free memory
+PAUSED_SHARE_OF_MODEL = 0.10  # and add at most this share of the model's weights to the peak
 
 
 def paused_bytes(block_pass: BlockPass, stages: list[Stage]) -> int:
@@ -147,9 +148,19 @@ def paused_bytes(block_pass: BlockPass, stages: list[Stage]) -> int:
     return sum(x.numel() // x.shape[-1] * (2 * x.shape[-1] + widest) * element for x in block_pass.inputs)
 
 
-def choose_stage_runner(block_pass: BlockPass, stages: list[Stage]) -> str:
-    """"one_pass" when its paused batches fit in a quarter of the memory available now, else "rerun"."""
+def choose_stage_runner(block_pass: BlockPass, stages: list[Stage], wanted: str = "auto",
+                        model_bytes: int | None = None) -> str:
+    """`wanted` ("one_pass" or "rerun"), or for "auto": "one_pass" when its paused batches add at most a tenth
+    of the model's weights (`model_bytes`) and fit in a quarter of the memory available now, else "rerun".
+
+    The tenth keeps the one pass where it costs little: on SmolLM2-135M with 32 × 512 tokens the paused batches
+    (168 MiB estimated, a third of the model) raised GPTQ's peak RSS from 1,197 to 1,321 MiB for 103 → 64 s;
+    on a 7B model with 32 × 512 tokens they are about 5 % of its weights."""
+    if wanted != "auto":
+        return wanted
     from studio.core.memory import available_memory_bytes
 
-    fits = paused_bytes(block_pass, stages) <= PAUSED_SHARE_OF_AVAILABLE * available_memory_bytes()
-    return "one_pass" if fits else "rerun"
+    paused = paused_bytes(block_pass, stages)
+    small = model_bytes is None or paused <= PAUSED_SHARE_OF_MODEL * model_bytes
+    fits = paused <= PAUSED_SHARE_OF_AVAILABLE * available_memory_bytes()
+    return "one_pass" if small and fits else "rerun"

@@ -79,6 +79,7 @@ def _load_and_summarize(spec: str):
     from studio.core.summary import summarize
 
     loaded = load_model(spec)
+    loaded.tokenizer_or_loader = loaded.tokenizer  # loaded here, in the worker: the window needs it later
     return loaded, summarize(loaded.model)
 
 

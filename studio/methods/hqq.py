@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # imported when used, so listing the methods does not load to
     import torch
 
 from studio.core.context import StepContext
+from studio.core.memory import return_free_memory
 from studio.core.registry import Estimate, Family, LayerReport, Method, MethodParams, StepOutcome, register
 from studio.core.state import QuantizedWeight, packed_size
 from studio.core.structure import in_out_features, iter_layers, weight_matrix
@@ -192,6 +193,8 @@ class HQQ(Method):
                 squared["weights"] += float(w.float().pow(2).sum())
                 report = LayerReport(name, bits=params.bits, group_size=params.group_size, parameters=w.numel())
                 ctx.replace_weight(name, module, dense.to(w.dtype), report, quant=q)
+                del w, q, dense, rtn
+                return_free_memory()  # each layer's temporaries, which the heap would otherwise keep to the block's end
         norm = max(squared["weights"], 1e-30) ** 0.5
         summary = {
             "bits": params.bits,
