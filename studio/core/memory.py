@@ -61,9 +61,10 @@ _PAGEMAP_PRESENT, _PAGEMAP_FILE = 1 << 63, 1 << 61  # /proc/self/pagemap: in mem
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _page_flags(address: int, length: int):
-    """(first page number, one /proc/self/pagemap entry per page) for [address, address + length), or None
-    where pagemap cannot be read (elsewhere than Linux)."""
+def _present_pages(address: int, length: int, *, of_a_file: bool):
+    """(first page number, a mask over the pages of [address, address + length)): present pages of a file (or
+    shared) with `of_a_file`, else present anonymous ones, the process's own. None where /proc/self/pagemap
+    cannot be read (elsewhere than Linux)."""
     if _glibc() is None or length <= 0:
         return None
     first, end = address // _PAGE, -(-(address + length) // _PAGE)
@@ -74,7 +75,9 @@ def _page_flags(address: int, length: int):
         return None
     import numpy as np
 
-    return first, np.frombuffer(raw, dtype=np.uint64)
+    flags = np.frombuffer(raw, dtype=np.uint64)
+    present = (flags & np.uint64(_PAGEMAP_PRESENT)) != 0
+    return first, present & (((flags & np.uint64(_PAGEMAP_FILE)) != 0) == of_a_file)
 
 
 def release_read_only_file_pages(address: int, length: int) -> None:
@@ -85,13 +88,12 @@ def release_read_only_file_pages(address: int, length: int) -> None:
     there again. Only pages that /proc/self/pagemap shows as present file pages are released: a page this process
     wrote to is a private anonymous copy and is never touched. Call it only where nothing writes to the range
     at the same time (a write between the check and the release would be lost). Elsewhere than Linux: nothing."""
-    pages = _page_flags(address, length)
+    pages = _present_pages(address, length, of_a_file=True)
     if pages is None:
         return
     import numpy as np
 
-    first, flags = pages
-    file_page = ((flags & np.uint64(_PAGEMAP_PRESENT)) != 0) & ((flags & np.uint64(_PAGEMAP_FILE)) != 0)
+    first, file_page = pages
     edges = np.flatnonzero(np.diff(np.concatenate(([False], file_page, [False])).astype(np.int8)))
     libc = _glibc()
     for start, stop in zip(edges[0::2].tolist(), edges[1::2].tolist()):  # runs of file pages: [start, stop)
@@ -102,14 +104,8 @@ def release_read_only_file_pages(address: int, length: int) -> None:
 def _holds_own_pages(address: int, length: int) -> bool:
     """Whether any page of [address, address + length) is this process's own: present and anonymous (the heap,
     or a page of a mapped file it wrote to). True where pagemap cannot be read."""
-    pages = _page_flags(address, length)
-    if pages is None:
-        return True
-    import numpy as np
-
-    flags = pages[1]
-    own = ((flags & np.uint64(_PAGEMAP_PRESENT)) != 0) & ((flags & np.uint64(_PAGEMAP_FILE)) == 0)
-    return bool(own.any())
+    pages = _present_pages(address, length, of_a_file=False)
+    return True if pages is None else bool(pages[1].any())
 
 
 def _private_file_mapping(address: int, length: int) -> bool:
@@ -124,6 +120,12 @@ def _private_file_mapping(address: int, length: int) -> bool:
     except OSError:
         pass
     return False
+
+
+@functools.cache
+def _mmap():
+    return ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                            ctypes.c_int, ctypes.c_long, use_errno=True)(("mmap", _glibc()))
 
 
 _PROT_READ_WRITE, _MAP_PRIVATE_ANONYMOUS_FIXED, _MADV_HUGEPAGE = 0x1 | 0x2, 0x02 | 0x20 | 0x10, 14
@@ -141,13 +143,13 @@ def fresh_pages_for_overwrite(address: int, length: int) -> None:
     nothing is done. Elsewhere than Linux: nothing."""
     libc = _glibc()
     first, end = -(-address // _PAGE) * _PAGE, (address + length) // _PAGE * _PAGE
-    if libc is None or end <= first or not _private_file_mapping(address, length):
+    if libc is None or end <= first:
         return
-    if _holds_own_pages(first, end - first):  # not the edge pages: a neighbour written before may share them
+    # pagemap first: it is read for the tensor alone, where /proc/self/maps lists every mapping of the process.
+    # Not the edge pages: a neighbour written before may share them.
+    if _holds_own_pages(first, end - first) or not _private_file_mapping(address, length):
         return
-    mmap = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                            ctypes.c_int, ctypes.c_long, use_errno=True)(("mmap", libc))
-    if mmap(first, end - first, _PROT_READ_WRITE, _MAP_PRIVATE_ANONYMOUS_FIXED, -1, 0) != first:
+    if _mmap()(first, end - first, _PROT_READ_WRITE, _MAP_PRIVATE_ANONYMOUS_FIXED, -1, 0) != first:
         raise OSError(ctypes.get_errno(), f"mmap MAP_FIXED at {first:#x} failed")
     libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), _MADV_HUGEPAGE)
 
