@@ -115,6 +115,31 @@ def test_an_in_place_run_writes_into_the_loaded_weights_and_gives_the_same_model
     assert compression_state(model).keys() == compression_state(copy_run.model).keys()
 
 
+def test_the_size_report_before_an_in_place_sweep_keeps_the_pages_of_the_weights_the_sweep_overwrites(
+        monkeypatch, text_file, tokenizer):
+    from studio.core import runner
+    from studio.core.registry import all_methods
+
+    kept = []
+    real = runner.size_report
+    monkeypatch.setattr(runner, "size_report", lambda model, **k: kept.append(k.get("about_to_overwrite")) or
+                        real(model, **k))
+    model = tiny_model("llama")
+    assert run_recipe(parse_recipe(TWO_STEPS), LoadedModel(model, tokenizer, {}), in_place=True).status == "finished"
+    linear_weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not
+                      model.get_output_embeddings().weight]
+    assert [id(w) for w in kept[0]] == [id(w) for w in linear_weights]  # magnitude first: each weight rewritten
+    assert kept[1] is None  # the report after a step keeps nothing
+    kept.clear()
+    run_recipe(parse_recipe(TWO_STEPS), LoadedModel(tiny_model("llama"), tokenizer, {}))
+    assert not kept[0]  # a run on a copy writes nothing into the loaded weights
+    kept.clear()
+    calibrated = parse_recipe({**CALIBRATED, "calibration": {"text_file": str(text_file), "samples": 2, "seq_len": 16}})
+    run_recipe(calibrated, LoadedModel(tiny_model("llama"), tokenizer, {}), in_place=True)
+    assert not kept[0]  # calibration holds the weights read for minutes: their pages go back meanwhile
+    assert not any(m.sweeps_weights_once and m.needs_calibration for m in all_methods())
+
+
 def test_an_in_place_run_has_no_teacher_and_cannot_evaluate(text_file, tokenizer):
     from studio.core.evaluation import PerplexityConfig
 

@@ -19,7 +19,8 @@ calibration tokens and the same evaluation, side by side.
    W8A8 inputs are quantized by the same per-token function for both sides.
 5. Prints and writes (WORK/peers.json, WORK/peers.md) the table with the studio / peer ratios.
 
-Each job runs --repeat times (3): seconds and peak RSS are the medians, and every run must give the same weights.
+Each job runs --repeat times (3), round by round over the jobs (each once, then each again), so that a spell of a
+slower machine falls on every tool: seconds and peak RSS are the medians, and every run must give the same weights.
 Results are kept per job in WORK/jobs; a second run does only what is missing (--rerun redoes all, or one tool's).
 """
 
@@ -180,14 +181,16 @@ def install(tool: str, work: Path, reinstall: bool = False) -> str | None:
 
 
 # ---------------------------------------------------------------- 3. the jobs
-def run_job(side: Side, work: Path, folder: Path, calibration: Path, settings: dict, rerun: bool,
-            repeat: int = 1) -> dict:
-    """Runs the job `repeat` times, each in a fresh process; seconds and peak RSS are the medians, and the
-    weights of every run must be the same (the evaluation scores them once)."""
+def earlier_result(side: Side, work: Path) -> dict | None:
+    """What the job's last complete run left in its folder (result.json), if anything."""
+    done = work / "jobs" / side.key / "result.json"
+    return json.loads(done.read_text()) if done.exists() else None
+
+
+def run_once(side: Side, work: Path, folder: Path, calibration: Path, settings: dict, label: str) -> dict:
+    """One run of the job in a fresh process: the worker's result.json (seconds, peak RSS, versions, …) with the
+    digest of the weights it wrote, or {"error": one line}."""
     out = work / "jobs" / side.key
-    done_before = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else None
-    if done_before and not rerun and len(done_before.get("runs", [None])) >= repeat:
-        return done_before
     worker = HERE / ("worker_studio.py" if side.tool == "studio" else PEERS[side.tool][1])
     job = {"tool": side.tool, "method": side.method, "params": side.params, "model": str(folder),
            "calibration": str(calibration), "calibration_settings": settings, "out": str(out)}
@@ -197,25 +200,47 @@ def run_job(side: Side, work: Path, folder: Path, calibration: Path, settings: d
            # PyTorch's 2 MiB pages for tensors of 2 MiB or more, which the studio turns on for itself (studio/__init__):
            # every tool runs with the same allocator, so the table compares the tools, not the setting
            "THP_MEM_ALLOC_ENABLE": "1"}
-    runs = []
+    log(f"{side.tool}: {side.method} {side.params}{label}")
+    (out / "result.json").unlink(missing_ok=True)
+    done = subprocess.run([str(python_of(side.tool, work)), str(worker), str(out / "job.json")], env=env,
+                          capture_output=True, text=True)
+    (out / "worker.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        return {"error": one_line_error(done.stderr)}
+    result = json.loads((out / "result.json").read_text())
+    return {**result, "weights_sha256": file_digest(out / "weights.safetensors")}
+
+
+def run_jobs(sides: list[Side], work: Path, folder: Path, calibration: Path, settings: dict,
+             repeat: int) -> dict[str, dict]:
+    """Every job `repeat` times, round by round (each job once, then each again): a machine that is slower for a
+    while slows every tool's runs alike, not one tool's. Seconds and peak RSS are the medians; every run of a job
+    must give the same weights (the evaluation scores them once), and the last run's are in its folder."""
+    runs: dict[str, list[dict]] = {side.key: [] for side in sides}
+    failed: dict[str, dict] = {}
     for attempt in range(repeat):
-        log(f"{side.tool}: {side.method} {side.params}" + (f" (run {attempt + 1} of {repeat})" if repeat > 1 else ""))
-        (out / "result.json").unlink(missing_ok=True)
-        done = subprocess.run([str(python_of(side.tool, work)), str(worker), str(out / "job.json")], env=env,
-                              capture_output=True, text=True)
-        (out / "worker.log").write_text(done.stdout + done.stderr)
-        if done.returncode != 0:
-            return {"error": one_line_error(done.stderr)}
-        result = json.loads((out / "result.json").read_text())
-        runs.append({"seconds": result["seconds"], "peak_rss_bytes": result["peak_rss_bytes"],
-                     "weights_sha256": file_digest(out / "weights.safetensors")})
-    if len({r["weights_sha256"] for r in runs}) > 1:
-        result["warning"] = "the runs gave different weights; the last one's were evaluated"
-    result.update(seconds=statistics.median(r["seconds"] for r in runs),
-                  peak_rss_bytes=statistics.median(r["peak_rss_bytes"] for r in runs),
-                  weights_sha256=runs[-1]["weights_sha256"], runs=runs)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+        for side in sides:
+            if side.key not in failed:
+                label = f" (run {attempt + 1} of {repeat})" if repeat > 1 else ""
+                result = run_once(side, work, folder, calibration, settings, label)
+                (failed if "error" in result else runs)[side.key] = \
+                    result if "error" in result else [*runs[side.key], result]
+    results = {}
+    for side in sides:
+        if side.key in failed:
+            results[side.key] = failed[side.key]
+            continue
+        done = runs[side.key]
+        result = {k: v for k, v in done[-1].items() if k not in ("seconds", "peak_rss_bytes", "weights_sha256")}
+        if len({r["weights_sha256"] for r in done}) > 1:
+            result["warning"] = "the runs gave different weights; the last one's were evaluated"
+        result.update(seconds=statistics.median(r["seconds"] for r in done),
+                      peak_rss_bytes=statistics.median(r["peak_rss_bytes"] for r in done),
+                      weights_sha256=done[-1]["weights_sha256"],
+                      runs=[{k: r[k] for k in ("seconds", "peak_rss_bytes", "weights_sha256")} for r in done])
+        (work / "jobs" / side.key / "result.json").write_text(json.dumps(result, indent=2))
+        results[side.key] = result
+    return results
 
 
 def file_digest(path: Path) -> str:
@@ -283,9 +308,10 @@ def table(pairs: list[Pair], rows: dict[str, dict], failures: dict[str, str], or
         peer_note = failures.get(pair.peer.tool) or peer.get("error")
 
         def row(tool: str, r: dict, ratios: str = "| | | |") -> str:
-            rss = r.get("peak_rss_bytes")
+            rss, seconds = r.get("peak_rss_bytes"), r.get("seconds")
+            places = 2 if seconds is not None and seconds < 10 else 1  # the sub-second jobs need the second place
             return (f"| {pair.method} | {pair.settings} | {tool} | {fmt(r.get('perplexity'), 3)} | "
-                    f"{fmt(r.get('kl'), 4)} | {fmt(r.get('seconds'), 1)} | {fmt(rss and rss / MiB, 0)} | "
+                    f"{fmt(r.get('kl'), 4)} | {fmt(seconds, places)} | {fmt(rss and rss / MiB, 0)} | "
                     f"{len(r.get('runs', [None])) if r else ''} {ratios}")
 
         lines.append(row("studio", studio))
@@ -303,7 +329,8 @@ def table(pairs: list[Pair], rows: dict[str, dict], failures: dict[str, str], or
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="comma-separated methods (rtn, gptq, awq, smoothquant, sparsegpt, wanda, hqq, "
+    parser.add_argument("--only", help="comma-separated methods, each optionally with words of its settings after a "
+                                       "colon (gptq:w3) (rtn, gptq, awq, smoothquant, sparsegpt, wanda, hqq, "
                                        "int4, int8)")
     parser.add_argument("--tools", help="comma-separated peers (default: all)")
     parser.add_argument("--tokens", type=int, default=16384, help="WikiText-2 tokens for perplexity (16384)")
@@ -322,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     only = {m.strip().lower() for m in args.only.split(",")} if args.only else None
     tools = {t.strip() for t in args.tools.split(",")} if args.tools else set(PEERS)
     pairs = [p for p in PAIRS if p.peer.tool in tools
-             and (only is None or any(p.method.lower().startswith(m) for m in only))]
+             and (only is None or any(p.method.lower().startswith(method) and words in p.settings.lower()
+                                      for method, _, words in (m.partition(":") for m in only)))]
 
     folder, calibration, settings = prepare(work)
     failures = {tool: error for tool in sorted(tools) if (error := install(tool, work, args.reinstall))}
@@ -337,20 +365,27 @@ def main(argv: list[str] | None = None) -> int:
                           if saved.get("tokens") == args.tokens and args.rerun != "all" else None)
     rows: dict[str, dict] = saved.get("rows", {})
     sides = {side.key: side for pair in pairs for side in (pair.studio, pair.peer) if side.tool not in failures}
+    enough = lambda result: result and len(result.get("runs", [None])) >= args.repeat  # noqa: E731
+    finished, to_run = {}, []
     for key, side in sides.items():
-        old = rows.get(key, {})
-        if "perplexity" in old and side.tool not in rerun and len(old.get("runs", [None])) >= args.repeat:
+        if side.tool not in rerun and enough(rows.get(key)) and "perplexity" in rows[key]:
             continue
-        result = run_job(side, work, folder, calibration, settings, side.tool in rerun, args.repeat)
+        if side.tool not in rerun and enough(earlier := earlier_result(side, work)):
+            finished[key] = earlier  # run before, not yet evaluated
+        else:
+            to_run.append(side)
+    finished.update(run_jobs(to_run, work, folder, calibration, settings, args.repeat))
+    for key, result in finished.items():
+        side, old = sides[key], rows.get(key, {})
         same_weights = old.get("weights_sha256") == result.get("weights_sha256", "-")
         if "error" not in result and "perplexity" in old and same_weights:
             result.update({k: old[k] for k in ("perplexity", "kl", "top1", "zero_fraction")})  # the same weights
         elif "error" not in result:
             result.update(evaluator.evaluate(work / "jobs" / key, result))
-            log(f"  perplexity {result['perplexity']:.3f}, KL {result['kl']:.4f}, {result['seconds']:.1f} s, "
+            log(f"  {key}: perplexity {result['perplexity']:.3f}, KL {result['kl']:.4f}, {result['seconds']:.1f} s, "
                 f"peak RSS {result['peak_rss_bytes'] / MiB:,.0f} MiB")
         else:
-            log(f"  failed: {result['error']}")
+            log(f"  {key} failed: {result['error']}")
         rows[key] = {"tool": side.tool, "method": side.method, "params": side.params, **result}
         results_file.write_text(json.dumps({"original_perplexity": evaluator.original_perplexity,
                                             "tokens": args.tokens, "install_failures": failures, "rows": rows},

@@ -20,6 +20,8 @@ from studio.core.registry import LayerReport
 from studio.core.state import compression_state, update_record
 from studio.core.structure import set_weight_matrix, weight_matrix
 
+BLOCKS_FREE_WORTH_RETURNING = 32 << 20  # bytes the heaps hold free before the blocks hand them back
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -58,13 +60,14 @@ class StepContext:
 
     def blocks(self):
         """(block index, layers) in order; checks for cancellation before each block and reports progress
-        after it, so a method written as a plain loop gets both for free. What a block freed goes back to the
-        system before the next (return_free_memory), so the heap does not carry it to the end of the step."""
+        after it, so a method written as a plain loop gets both for free. What blocks freed goes back to the
+        system once it adds up to BLOCKS_FREE_WORTH_RETURNING (return_free_memory), so the heap does not carry
+        it to the end of the step, nor do blocks that free a few MiB fault the same pages in again each time."""
         total = len(self.layers)
         for done, (block, layers) in enumerate(self.layers.items()):
             self.cancel.check()
             yield block, layers
-            return_free_memory()
+            return_free_memory(at_least=BLOCKS_FREE_WORTH_RETURNING)
             self.emit(Progress(self.index, done + 1, total, "block", f"block {block}"))
 
     def replace_weight(self, name: str, module: nn.Module, new: torch.Tensor, report: LayerReport, **record) -> None:

@@ -103,6 +103,9 @@ class Method(ABC):
     needs_calibration: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False  # reads the uncompressed original while it runs (distillation)
     changes_weights: ClassVar[bool] = True  # False for methods that act at run time only (KV-cache quantization)
+    # goes through its layers once, without calibration, each weight read and written back in its own shape
+    # within moments (RTN, magnitude pruning): in an in-place run, what was read just before is replaced
+    sweeps_weights_once: ClassVar[bool] = False
     Params: ClassVar[type[MethodParams]]
 
     def check(self, layers: dict[int, dict[str, nn.Module]], params: MethodParams) -> list[str]:

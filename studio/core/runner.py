@@ -32,7 +32,7 @@ from studio.core.events import (
     ignore,
 )
 from studio.core.loading import LoadedModel
-from studio.core.memory import PeakRSS, rss_bytes
+from studio.core.memory import PeakRSS, mappings_read_once, rss_bytes
 from studio.core.recipe import (
     Recipe,
     ValidatedStep,
@@ -42,7 +42,7 @@ from studio.core.recipe import (
     validate_recipe,
 )
 from studio.core.registry import Estimate
-from studio.core.structure import target_layers
+from studio.core.structure import iter_layers, target_layers
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,13 @@ def prepare(recipe: Recipe, model: nn.Module, where: str = "recipe") -> list[Val
 
 def estimate(steps: list[ValidatedStep], model: nn.Module) -> list[Estimate]:
     return [vs.method.estimate(target_layers(model, vs.step.targets), vs.params) for vs in steps]
+
+
+def _overwritten_first(steps: list[ValidatedStep], model: nn.Module) -> list:
+    """The weights the first step reads and writes back within moments of starting (Method.sweeps_weights_once)."""
+    if not steps or not steps[0].method.sweeps_weights_once:
+        return []
+    return [module.weight for _, module in iter_layers(target_layers(model, steps[0].step.targets))]
 
 
 def _window_progress(emit: EventCallback, index: int | None):
@@ -118,7 +125,8 @@ def run_recipe(
             calibration = CalibrationData(calibration_tokens, recipe.calibration.batch_size, recipe.calibration)
             report["calibration"] = {**recipe.calibration.model_dump(), "tokens": int(calibration_tokens.numel())}
         tokens = None
-        report["size_before"] = size_report(original)
+        report["size_before"] = size_report(original, about_to_overwrite=_overwritten_first(steps, original)
+                                            if in_place else ())
         events(Metric("compressed_bytes", report["size_before"]["compressed_bytes"], None))
         if eval_config is not None:
             tokens = load_eval_tokens(loaded.tokenizer, eval_config)
@@ -139,7 +147,7 @@ def run_recipe(
                               evaluation=None if tokens is None else Evaluation(tokens, eval_config))
             begin = time.perf_counter()
             rss_before = rss_bytes()
-            with PeakRSS() as peak:
+            with PeakRSS() as peak, mappings_read_once():  # the model's mappings outlive the step
                 outcome = vs.method.apply(ctx, vs.params)
             step_report = {
                 "index": index,

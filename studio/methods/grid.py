@@ -21,7 +21,9 @@ def grid_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tens
     import torch
 
     maxq = 2**bits - 1
-    lo, hi = torch.aminmax(w, dim=-1)  # one pass over the weights instead of two
+    # two reductions, not torch.aminmax: on the CPU (torch 2.13, 2 threads) aminmax over SmolLM2's weights took
+    # 0.165 s against 0.022 s for amin and amax, and 3.0 ms against 0.37 ms over (49152, 64) groups
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     if symmetric:
         hi = torch.maximum(lo.abs(), hi)

@@ -87,6 +87,7 @@ class MagnitudePruning(Method):
     family = Family.PRUNING
     summary = "Zero the smallest weights: unstructured (per layer or global) or N:M such as 2:4."
     Params = MagnitudeParams
+    sweeps_weights_once = True
 
     def check(self, layers, params: MagnitudeParams) -> list[str]:
         return pattern_problems(layers, params.pattern)

@@ -54,6 +54,7 @@ class RTN(Method):
     family = Family.QUANTIZATION
     summary = "Round each weight to the nearest point of a per-channel or per-group b-bit grid."
     Params = RTNParams
+    sweeps_weights_once = True
 
     def check(self, layers, params: RTNParams) -> list[str]:
         return group_size_problems(layers, params.group_size)
