@@ -223,8 +223,10 @@ def run_jobs(sides: list[Side], work: Path, folder: Path, calibration: Path, set
             if side.key not in failed:
                 label = f" (run {attempt + 1} of {repeat})" if repeat > 1 else ""
                 result = run_once(side, work, folder, calibration, settings, label)
-                (failed if "error" in result else runs)[side.key] = \
-                    result if "error" in result else [*runs[side.key], result]
+                if "error" in result:
+                    failed[side.key] = result
+                else:
+                    runs[side.key].append(result)
     results = {}
     for side in sides:
         if side.key in failed:
@@ -365,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                           if saved.get("tokens") == args.tokens and args.rerun != "all" else None)
     rows: dict[str, dict] = saved.get("rows", {})
     sides = {side.key: side for pair in pairs for side in (pair.studio, pair.peer) if side.tool not in failures}
-    enough = lambda result: result and len(result.get("runs", [None])) >= args.repeat  # noqa: E731
+    def enough(result: dict | None) -> bool:
+        return bool(result) and len(result.get("runs", [None])) >= args.repeat
+
     finished, to_run = {}, []
     for key, side in sides.items():
         if side.tool not in rerun and enough(rows.get(key)) and "perplexity" in rows[key]:
