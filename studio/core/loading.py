@@ -8,6 +8,7 @@ refused unless the caller opts in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -45,12 +46,12 @@ class TokenizerLoader:
 
     def __init__(self, where: Path | str, **kwargs):
         self.where, self.kwargs = where, kwargs
-        self._loaded = False
-        self._tokenizer: Any | None = None
+
+    @functools.cached_property
+    def _tokenizer(self) -> Any | None:  # None is a result too: a folder without a tokenizer
+        return _load_tokenizer(self.where, **self.kwargs)
 
     def __call__(self) -> Any | None:
-        if not self._loaded:
-            self._tokenizer, self._loaded = _load_tokenizer(self.where, **self.kwargs), True
         return self._tokenizer
 
 

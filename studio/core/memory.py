@@ -33,14 +33,20 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
-def heap_free_bytes() -> int | None:
-    """Bytes glibc's heaps hold free (mallinfo2's fordblks, every arena; resident or not). None without glibc
-    2.33's mallinfo2."""
+@functools.cache
+def _mallinfo2():
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
     libc.mallinfo2.restype = _MallInfo2
-    return libc.mallinfo2().fordblks
+    return libc.mallinfo2
+
+
+def heap_free_bytes() -> int | None:
+    """Bytes glibc's heaps hold free (mallinfo2's fordblks, every arena; resident or not). None without glibc
+    2.33's mallinfo2."""
+    mallinfo2 = _mallinfo2()
+    return None if mallinfo2 is None else mallinfo2().fordblks
 
 
 def return_free_memory(at_least: int = 0) -> None:
